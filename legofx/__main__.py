@@ -1,0 +1,5 @@
+import sys
+
+from legofx.cli import main
+
+sys.exit(main())

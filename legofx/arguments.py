@@ -1,0 +1,97 @@
+"""Checks of user arguments: each bad value raises an error that names the argument and value."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+    return model
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """An int >= 1; bools and floats are refused (``o=2.0`` is a ``TypeError``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {name}={value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+    return int(value)
+
+
+def check_size_spec(name: str, value: object, of: str) -> int | float:
+    """A float fraction in (0, 1] of ``of``, or an absolute int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float in (0, 1] (a fraction of {of}) or an int >= 1 "
+            f"(an absolute number), got {name}={value!r} ({type(value).__name__})"
+        )
+    if isinstance(value, numbers.Integral):
+        return check_positive_int(name, value)
+    value = float(value)
+    if not (0.0 < value <= 1.0):  # also refuses NaN
+        raise ValueError(
+            f"{name} as a float is a fraction of {of} and must be in (0, 1], got {name}={value!r}; "
+            f"pass an int for an absolute number"
+        )
+    return value
+
+
+def resolve_size(spec: int | float, total: int) -> int:
+    """An int spec as is; a fraction of ``total``, rounded half up, at least 1."""
+    if isinstance(spec, int):
+        return spec
+    return max(1, math.floor(spec * total + 0.5))
+
+
+class Patterns:
+    """``include`` / ``exclude``: module names or glob patterns.
+
+    A pattern selects a module whose qualified name matches it (``fnmatch``, where ``*`` also
+    crosses dots) or lies under a matching prefix: ``"layer1"`` selects ``layer1.0.conv1``.
+    """
+
+    def __init__(self, include: object, exclude: object) -> None:
+        self.include = self._check("include", include)
+        self.exclude = self._check("exclude", exclude) or ()
+
+    @staticmethod
+    def _check(name: str, value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
+            raise TypeError(
+                f"{name} must be a module name, a glob pattern or a list of them, got {name}={value!r}"
+            )
+        return tuple(value)
+
+    @staticmethod
+    def matches(pattern: str, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+    def check_used(self, names: Sequence[str], kind: str) -> None:
+        """Refuse patterns that match none of ``names``: a typo must not silently do nothing."""
+        for arg, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(self.matches(pattern, name) for name in names):
+                    sample = ", ".join(repr(n) for n in names[:3]) or "none"
+                    raise ValueError(
+                        f"{arg} pattern {pattern!r} matches no {kind} module of the model "
+                        f"(names look like {sample})"
+                    )
+
+    def reason_to_skip(self, name: str) -> str | None:
+        for pattern in self.exclude:
+            if self.matches(pattern, name):
+                return f"excluded by exclude pattern {pattern!r}"
+        if self.include is not None and not any(self.matches(p, name) for p in self.include):
+            return f"not selected by include={list(self.include)!r}"
+        return None

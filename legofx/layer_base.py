@@ -1,0 +1,33 @@
+"""The contract every rewritten layer meets, whatever the method."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+from torch import Tensor, nn
+
+
+def _no_stage(role: str) -> nullcontext:
+    return nullcontext()
+
+
+class RewrittenLayer(nn.Module):
+    """A layer that replaces a conv: one math, two ways to run it.
+
+    Subclasses define ``compute(x, attr, stage)`` (see :mod:`passes.inline_modules`), which
+    ``forward`` runs eagerly and the inline pass expands into graph nodes; ``form``
+    (``"training"`` or ``"folded"``); ``folded()``, the inference form (``self`` when already
+    folded); and ``params_before`` / ``params_after``.
+    """
+
+    form: str
+
+    def compute(self, x: Tensor, attr, stage) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.compute(x, partial(getattr, self), _no_stage)
+
+    def folded(self) -> RewrittenLayer:
+        raise NotImplementedError

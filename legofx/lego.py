@@ -1,0 +1,63 @@
+"""``legofx.transform``: rewrite a model's ``nn.Conv2d`` layers into LegoNet layers."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from legofx.arguments import check_positive_int, check_size_spec, resolve_size
+from legofx.lego_layers import LegoConv2d
+from legofx.records import LayerRecord
+from legofx.rewrite import Method, rewrite
+
+
+def lego_method(o: int, m: int | float) -> Method:
+    """The LegoNet rewrite with ``o`` fragments and ``m`` Lego filters (fraction or count)."""
+
+    def reason_to_skip(conv: nn.Conv2d) -> str | None:
+        reasons = []
+        if conv.groups != 1:
+            reasons.append(f"groups={conv.groups}: grouped convolutions are kept")
+        if conv.in_channels % o:
+            reasons.append(f"in_channels={conv.in_channels} is not divisible by o={o}")
+        if resolve_size(m, conv.out_channels) > conv.out_channels:
+            reasons.append(f"m={m} exceeds out_channels n={conv.out_channels}")
+        return "; ".join(reasons) or None
+
+    def build(conv: nn.Conv2d) -> LegoConv2d:
+        return LegoConv2d(conv, o, resolve_size(m, conv.out_channels))
+
+    def record(name: str, layer: LegoConv2d, calls: int) -> LayerRecord:
+        return LayerRecord(
+            name=name, status="rewritten", reason="", method="lego",
+            in_channels=layer.in_channels, out_channels=layer.out_channels,
+            kernel_size=layer.kernel_size, o=layer.o, m=layer.m,
+            params_before=layer.params_before, params_after=layer.params_after,
+            index_entries=layer.out_channels * layer.o, calls=calls, form=layer.form,
+        )
+
+    return Method("lego", reason_to_skip, build, record)
+
+
+def transform(model: nn.Module, o: int = 2, m: int | float = 0.5, *, include=None,
+              exclude=None) -> fx.GraphModule:
+    """Rewrite every eligible ``nn.Conv2d`` of ``model`` into a trainable LegoNet layer.
+
+    Args:
+        model: any ``nn.Module``; it is never modified (legofx works on a traced copy).
+        o: number of contiguous input-channel fragments (int >= 1).
+        m: Lego filters per layer: a float in (0, 1] is a fraction of the layer's output
+            channels ``n`` (rounded half up, at least 1); an int >= 1 is an absolute count.
+            ``m=1`` means one filter, ``m=1.0`` means ``n`` filters.
+        include, exclude: conv module names or glob patterns (``"layer1.*"``,
+            ``"*.downsample.0"``); a name also selects the modules under it (``"layer1"``).
+
+    A conv is rewritten when ``groups == 1``, ``in_channels % o == 0`` and the resolved
+    ``m <= out_channels``; every other conv stays as it is, with its reason in
+    :func:`legofx.summary`. Returns a ``torch.fx.GraphModule`` in which each rewritten call is
+    explicit split / Lego conv / select / merge nodes; its parameters live under the conv's
+    name (``layer1.0.conv1.lego``, ``.proxy``, ``.coef``, ``.bias``).
+    """
+    o = check_positive_int("o", o)
+    m = check_size_spec("m", m, of="each layer's out_channels")
+    return rewrite(model, lego_method(o, m), include=include, exclude=exclude)

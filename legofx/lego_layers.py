@@ -1,0 +1,213 @@
+"""LegoNet layers (Yang et al., ICML 2019): the training form and the folded inference form.
+
+A conv with ``n`` filters of shape ``(c, kh, kw)`` becomes ``m`` shared Lego filters ``B`` of
+shape ``(c/o, kh, kw)``. Filter ``j`` is the concatenation over fragments ``i < o`` of
+``coef[j, i] * B[k(j, i)]``, with ``k(j, i) = argmax proxy[j, i, :]``.
+
+Both forms compute ``compute(x, attr, stage)`` in named stages that :mod:`passes.inline_modules`
+turns into explicit graph nodes:
+
+- ``split``: ``(N, c, H, W) -> (N*o, c/o, H, W)``: the ``o`` contiguous input fragments;
+- ``lego_conv``: one conv of every fragment with the ``m`` Lego filters, regrouped as
+  ``(N, o*m, H', W')`` "Lego feature maps" (channel ``i*m + k``: fragment ``i``, filter ``k``);
+- ``select`` (training form only): ``M = onehot(argmax proxy)`` forward, identity gradient
+  to ``proxy`` backward, written as ``hard + (proxy - proxy.detach())`` so that it survives
+  ``torch.fx`` tracing and ``torch.export`` (an ``autograd.Function`` would lose its backward);
+- ``merge``: output ``j = sum_i coef[j, i] * map[i, k(j, i)] + bias[j]``; in the training form
+  a 1x1 conv with the kernel ``coef * M``, in the folded form ``index_select`` with a constant
+  int64 index, multiply and sum over fragments.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from legofx.layer_base import RewrittenLayer
+
+
+def split_fragments(x: Tensor, o: int) -> Tensor:
+    """``(N, c, H, W) -> (N*o, c/o, H, W)``: the ``o`` contiguous channel fragments as batch."""
+    return x.unflatten(1, (o, -1)).flatten(0, 1)
+
+
+def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict) -> Tensor:
+    """Every fragment convolved with every Lego filter, as ``(N, o*m, H', W')``."""
+    padding = conv["padding"]
+    if conv["padding_mode"] != "zeros":
+        frags = F.pad(frags, conv["pad"], mode=conv["padding_mode"])
+        padding = 0
+    maps = F.conv2d(frags, lego, None, conv["stride"], padding, conv["dilation"])
+    return maps.unflatten(0, (-1, o)).flatten(1, 2)
+
+
+def straight_through_onehot(proxy: Tensor, m: int) -> Tensor:
+    """``onehot(argmax proxy)`` in the forward pass; its gradient flows unchanged to ``proxy``."""
+    hard = F.one_hot(proxy.argmax(-1), m).type_as(proxy)
+    return hard + (proxy - proxy.detach())
+
+
+def merge_selected(maps: Tensor, select: Tensor, coef: Tensor, bias: Tensor | None,
+                   n: int) -> Tensor:
+    """Training-form merge: a 1x1 conv whose ``(n, o*m)`` kernel is ``coef * M``."""
+    kernel = (select * coef.unsqueeze(-1)).reshape(n, -1, 1, 1)
+    return F.conv2d(maps, kernel, bias)
+
+
+def merge_gathered(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
+                   n: int, o: int) -> Tensor:
+    """Folded merge: gather the selected maps, scale by the coefficients, sum over fragments."""
+    picked = maps.index_select(1, index).unflatten(1, (n, o))
+    out = (picked * coef.reshape(n, o, 1, 1)).sum(2)
+    return out if bias is None else out + bias.reshape(n, 1, 1)
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict:
+    """What a Lego layer keeps of a ``Conv2d``: sizes, stride, padding, dilation, padding mode.
+
+    ``pad`` is the explicit ``(left, right, top, bottom)`` padding that ``Conv2d`` applies with
+    ``F.pad`` for non-zero padding modes (asymmetric for ``padding='same'`` with even kernels).
+    """
+    return {
+        "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+        "kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        "dilation": tuple(conv.dilation), "padding_mode": conv.padding_mode,
+        "pad": tuple(conv._reversed_padding_repeated_twice),
+    }
+
+
+def reconstruct_weight(lego: Tensor, selection: Tensor, coef: Tensor) -> Tensor:
+    """The dense ``(n, c, kh, kw)`` weight the Lego layer stands for."""
+    return (lego[selection] * coef[..., None, None, None]).flatten(1, 2)
+
+
+class _LegoLayer(RewrittenLayer):
+    """What both forms share: sizes, conv hyper-parameters, split and Lego conv."""
+
+    def __init__(self, geometry: dict, o: int, m: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = geometry["in_channels"], geometry["out_channels"]
+        self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
+        self.padding, self.dilation = geometry["padding"], geometry["dilation"]
+        self.padding_mode, self.pad = geometry["padding_mode"], geometry["pad"]
+        self.o, self.m = o, m
+
+    @property
+    def geometry(self) -> dict:
+        """Channels, kernel size and the conv hyper-parameters, as :func:`conv_geometry` gives."""
+        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                "padding_mode", "pad")
+        return {key: getattr(self, key) for key in keys}
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of the dense conv this layer replaced."""
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        return n * c * kh * kw + (n if self.bias is not None else 0)
+
+    @property
+    def params_after(self) -> int:
+        """Floating-point parameters of the inference form: Lego filters, coefficients, bias."""
+        return self.lego.numel() + self.coef.numel() + (0 if self.bias is None else self.bias.numel())
+
+    def _maps(self, x, attr, stage):
+        with stage("split"):
+            frags = split_fragments(x, self.o)
+        with stage("lego_conv"):
+            return convolve_fragments(frags, attr("lego"), self.o, self.geometry)
+
+    def reconstruct_weight(self) -> Tensor:
+        return reconstruct_weight(self.lego, self.selection(), self.coef)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"o={self.o}, m={self.m}, stride={self.stride}, padding={self.padding!r}, "
+                f"dilation={self.dilation}, padding_mode={self.padding_mode!r}, "
+                f"bias={self.bias is not None}")
+
+
+class LegoConv2d(_LegoLayer):
+    """Training form: Lego filters ``lego``, selection proxy ``proxy``, ``coef`` and ``bias``.
+
+    Shapes: ``lego (m, c/o, kh, kw)``, ``proxy (n, o, m)``, ``coef (n, o)``, ``bias (n,)``.
+    """
+
+    form = "training"
+
+    def __init__(self, conv: nn.Conv2d, o: int, m: int) -> None:
+        super().__init__(conv_geometry(conv), o, m)
+        n, c, (kh, kw) = conv.out_channels, conv.in_channels, self.kernel_size
+        like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.lego = nn.Parameter(torch.empty(m, c // o, kh, kw, **like))
+        self.proxy = nn.Parameter(torch.empty(n, o, m, **like))
+        self.coef = nn.Parameter(torch.empty(n, o, **like))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random start with the scale of a fresh ``nn.Conv2d``.
+
+        Every reconstructed filter gets the distribution ``nn.Conv2d.reset_parameters`` gives
+        a dense weight: Kaiming-uniform (``a=sqrt(5)``) on the *reconstructed* filter's fan-in
+        ``c*kh*kw``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, with unit coefficients. (The
+        Lego filter's own fan-in ``c/o*kh*kw`` would make activations ``sqrt(o)`` too large.)
+        The selection starts balanced: a random assignment in which every Lego filter is
+        chosen ``floor`` or ``ceil`` of ``n*o/m`` times; the bias is kept from the original.
+        """
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        bound = 1.0 / math.sqrt(c * kh * kw)
+        self.lego.uniform_(-bound, bound)
+        self.coef.fill_(1.0)
+        choice = (torch.randperm(n * self.o) % self.m).view(n, self.o).to(self.proxy.device)
+        self.proxy.copy_(F.one_hot(choice, self.m))
+
+    def compute(self, x, attr, stage):
+        maps = self._maps(x, attr, stage)
+        with stage("select"):
+            select = straight_through_onehot(attr("proxy"), self.m)
+        with stage("merge"):
+            return merge_selected(maps, select, attr("coef"), attr("bias"), self.out_channels)
+
+    def selection(self) -> Tensor:
+        """``k(j, i)``: the Lego filter each (output channel, fragment) uses, ``(n, o)`` int64."""
+        return self.proxy.detach().argmax(-1)
+
+    def folded(self) -> FoldedLegoConv2d:
+        return FoldedLegoConv2d(self)
+
+
+class FoldedLegoConv2d(_LegoLayer):
+    """Inference form: ``lego``, ``coef``, ``bias`` and the constant int64 ``index`` buffer.
+
+    ``index[j*o + i] = i*m + k(j, i)`` picks, for output channel ``j`` and fragment ``i``,
+    one of the ``o*m`` Lego feature maps.
+    """
+
+    form = "folded"
+
+    def __init__(self, trained: LegoConv2d) -> None:
+        super().__init__(trained.geometry, trained.o, trained.m)
+        self.train(trained.training)
+        self.lego = nn.Parameter(trained.lego.detach().clone(), trained.lego.requires_grad)
+        self.coef = nn.Parameter(trained.coef.detach().clone(), trained.coef.requires_grad)
+        self.bias = (None if trained.bias is None
+                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        offsets = torch.arange(self.o, device=self.lego.device) * self.m
+        self.register_buffer("index", (trained.selection() + offsets).flatten())
+
+    def compute(self, x, attr, stage):
+        maps = self._maps(x, attr, stage)
+        with stage("merge"):
+            return merge_gathered(maps, attr("index"), attr("coef"), attr("bias"),
+                                  self.out_channels, self.o)
+
+    def selection(self) -> Tensor:
+        offsets = torch.arange(self.o, device=self.index.device) * self.m
+        return self.index.view(self.out_channels, self.o) - offsets
+
+    def folded(self) -> FoldedLegoConv2d:
+        return self

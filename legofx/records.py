@@ -1,0 +1,95 @@
+"""Per-conv records of what a rewrite did, and :func:`summary`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from legofx.layer_base import RewrittenLayer
+
+META_KEY = "legofx"
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one conv module.
+
+    ``params_before`` counts the dense conv's weight and bias; ``params_after`` the
+    floating-point parameters of the layer's inference form (for a Lego layer: Lego filters,
+    coefficients, bias; the selection adds ``index_entries`` small integers). A skipped conv
+    keeps its parameters, so there ``params_after == params_before``. ``form`` is
+    ``"training"``, ``"folded"`` or, for a skipped conv, ``"original"``.
+    """
+
+    name: str
+    status: str  # "rewritten" or "skipped"
+    reason: str
+    method: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    o: int | None
+    m: int | None
+    params_before: int
+    params_after: int
+    index_entries: int = 0
+    calls: int = 0
+    form: str = "original"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == "rewritten"
+
+
+def conv_params(conv: nn.Module) -> int:
+    """The module's own parameters (0 for those a lazy module has not created yet)."""
+    return sum(p.numel() for p in conv.parameters(recurse=False) if not is_lazy(p))
+
+
+def skipped_record(name: str, conv: nn.Conv2d, method: str, reason: str, calls: int) -> LayerRecord:
+    params = conv_params(conv)
+    return LayerRecord(
+        name=name, status="skipped", reason=reason, method=method,
+        in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size), o=None, m=None,
+        params_before=params, params_after=params, calls=calls,
+    )
+
+
+def stored_records(gm: nn.Module) -> list[LayerRecord]:
+    meta = getattr(gm, "meta", None)
+    if not isinstance(gm, fx.GraphModule) or not isinstance(meta, dict) or META_KEY not in meta:
+        if any(isinstance(module, RewrittenLayer) for module in gm.modules()):
+            raise ValueError(
+                f"{type(gm).__name__} holds legofx layers but has lost its records and graph "
+                "tags (a pickled GraphModule keeps neither): rebuild it with legofx.transform "
+                "on the original model and load_state_dict the saved weights"
+            )
+        raise ValueError(
+            f"gm must be a model returned by legofx.transform (or fold), got {type(gm).__name__} "
+            "without legofx records"
+        )
+    return meta[META_KEY]["records"]
+
+
+def store_records(gm: fx.GraphModule, records: list[LayerRecord]) -> None:
+    gm.meta.setdefault(META_KEY, {})["records"] = records
+
+
+def summary(gm: nn.Module) -> list[LayerRecord]:
+    """One :class:`LayerRecord` per conv of the original model, in module order.
+
+    Works on transformed and folded models; ``form`` tells which form each layer is in now.
+    """
+    result = []
+    for record in stored_records(gm):
+        record = dataclasses.replace(record, extra=dict(record.extra))
+        if record.rewritten:
+            record.form = getattr(gm.get_submodule(record.name), "form", record.form)
+        result.append(record)
+    return result

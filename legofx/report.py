@@ -1,0 +1,184 @@
+"""``legofx.report``: a table of what a rewrite did, with the paper's formulas and MAC counts."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import passes
+from legofx.records import LayerRecord, summary
+
+
+def paper_compression(r: LayerRecord) -> float:
+    """LegoNet eq. 1: ``n c d^2 / (m (c/o) d^2 + n o m)`` (M stored as bits; d^2 = kh*kw)."""
+    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
+    return n * c * d2 / (r.m * (c // r.o) * d2 + n * r.o * r.m)
+
+
+def paper_speedup(r: LayerRecord) -> float:
+    """LegoNet eq. 2: ``n c d^2 / (m c d^2 + n o)`` (the merge's additions included)."""
+    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
+    return n * c * d2 / (r.m * c * d2 + n * r.o)
+
+
+@dataclass
+class LayerMacs:
+    before: int = 0
+    after: int = 0
+    counted: int = 0  # what FlopCounterMode sees inside the layer, to take out of the total
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _theory(r: LayerRecord, out_shape: torch.Size, groups: int) -> tuple[int, int]:
+    pixels = out_shape[0] * out_shape[2] * out_shape[3]
+    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
+    before = pixels * n * (c // groups) * d2
+    if not r.rewritten:
+        return before, before
+    return before, pixels * (r.m * c * d2 + n * r.o)
+
+
+def _counted_macs(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.zeros(shape, dtype=like.dtype, device=like.device))
+    return counter.get_total_flops() // 2
+
+
+def measure_macs(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, LayerMacs], int, int]:
+    """Per-layer MACs before/after and the whole network's MACs before/after.
+
+    Runs a copy of ``gm`` in eval mode with its rewritten regions collapsed into module calls,
+    so forward hooks see every conv call (a module called twice counts twice). Layer MACs are
+    the theory (dense conv; Lego conv + merge); the network's total is ``FlopCounterMode``'s
+    count (convs, matmuls) with each rewritten layer's own count replaced by its theory.
+    """
+    inputs = _as_tuple(example_inputs)
+    records = {r.name: r for r in summary(gm)}
+    work = passes.collapse_regions(copy.deepcopy(gm)).eval()
+    macs = {name: LayerMacs() for name in records}
+    calls: list[tuple[str, torch.Size, torch.Tensor]] = []
+
+    def hook(name):
+        def record_call(module, args, output):
+            groups = getattr(module, "groups", 1)
+            before, after = _theory(records[name], output.shape, groups)
+            macs[name].before += before
+            macs[name].after += after
+            if records[name].rewritten:
+                calls.append((name, args[0].shape, args[0]))
+        return record_call
+
+    modules = dict(work.named_modules())
+    handles = [modules[name].register_forward_hook(hook(name)) for name in records if name in modules]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            work(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, shape, like in calls:
+        macs[name].counted += _counted_macs(work.get_submodule(name), shape, like)
+    rest = counter.get_total_flops() // 2 - sum(m.counted for m in macs.values())
+    rewritten = [m for name, m in macs.items() if records[name].rewritten]
+    return (macs, rest + sum(m.before for m in rewritten), rest + sum(m.after for m in rewritten))
+
+
+def network_params(gm: nn.Module, records: list[LayerRecord]) -> tuple[int, int]:
+    """Parameters of the whole network before the rewrite and in its inference form."""
+    rewritten = [r for r in records if r.rewritten]
+    prefixes = tuple(r.name + "." for r in rewritten)
+    rest = sum(p.numel() for name, p in gm.named_parameters() if not name.startswith(prefixes))
+    return (rest + sum(r.params_before for r in rewritten),
+            rest + sum(r.params_after for r in rewritten))
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with its numbers and quoted names blanked, to group similar reasons."""
+    return re.sub(r"'[^']*'|\[[^\]]*\]|\d+", "#", reason)
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def _compact(value: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def coverage_lines(records: list[LayerRecord]) -> list[str]:
+    """Eligible / rewritten / skipped counts, and the skipped ones grouped by reason."""
+    rewritten = sum(r.rewritten for r in records)
+    lines = [f"convs: {len(records)} found, {rewritten} rewritten, "
+             f"{len(records) - rewritten} skipped"]
+    kinds = Counter(reason_kind(r.reason) for r in records if not r.rewritten)
+    for kind, count in kinds.most_common():
+        example = next(r for r in records if not r.rewritten and reason_kind(r.reason) == kind)
+        lines.append(f"  skipped {count} x: {example.reason}" + (" (and similar)" if count > 1 else ""))
+    return lines
+
+
+def report(gm: fx.GraphModule, example_inputs=None) -> str:
+    """A ``tabulate`` table, one row per conv, then totals for the whole network.
+
+    Always: status, shapes, ``o``/``m``, parameters before/after and the paper's compression
+    (eq. 1) and speed-up (eq. 2) per layer. Given ``example_inputs`` (a tensor or a tuple of
+    tensors; the model runs once, in eval mode, on a copy), also the MACs of every layer
+    before/after for those inputs (a layer called twice counts twice) and of the network.
+    """
+    records = summary(gm)
+    macs = totals = None
+    if example_inputs is not None:
+        macs, *totals = measure_macs(gm, example_inputs)
+    rows = []
+    for r in records:
+        row = [r.name, r.status, r.form, f"{r.in_channels}->{r.out_channels}",
+               "x".join(map(str, r.kernel_size)), r.o or "-", r.m or "-",
+               _compact(r.params_before), _compact(r.params_after),
+               f"{paper_compression(r):.2f}x" if r.rewritten else "-",
+               f"{paper_speedup(r):.2f}x" if r.rewritten else "-"]
+        if macs is not None:
+            layer = macs[r.name]
+            row += [_compact(layer.before), _compact(layer.after), _ratio(layer.before, layer.after)]
+        rows.append(row + [r.reason])
+    headers = ["conv", "status", "form", "c->n", "kernel", "o", "m", "params", "params after",
+               "eq.1 compr.", "eq.2 speed-up"]
+    if macs is not None:
+        headers += ["MACs", "MACs after", "MAC ratio"]
+    lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
+    lines += coverage_lines(records)
+    conv_before = sum(r.params_before for r in records)
+    conv_after = sum(r.params_after for r in records)
+    lines.append(f"conv parameters: {conv_before:,} -> {conv_after:,} "
+                 f"({_ratio(conv_before, conv_after)} smaller)")
+    net_before, net_after = network_params(gm, records)
+    lines.append(f"network parameters (inference form): {net_before:,} -> {net_after:,} "
+                 f"({_ratio(net_before, net_after)} smaller); selection indices: "
+                 f"{sum(r.index_entries for r in records):,} integers")
+    if macs is not None:
+        conv_macs_before = sum(m.before for m in macs.values())
+        conv_macs_after = sum(m.after for m in macs.values())
+        lines.append(f"conv MACs: {conv_macs_before:,} -> {conv_macs_after:,} "
+                     f"({_ratio(conv_macs_before, conv_macs_after)} fewer)")
+        lines.append(f"network MACs: {totals[0]:,} -> {totals[1]:,} "
+                     f"({_ratio(totals[0], totals[1])} fewer)")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""The legofx command line: the README's main job and clear errors."""
+
+import textwrap
+
+import pytest
+
+from legofx.cli import main
+
+
+def test_default_main_job(capsys):
+    pytest.importorskip("torchvision")
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.conv2" in out and "rewritten" in out
+    assert "fold equivalence verified" in out
+    assert "convs: 20 found, 19 rewritten, 1 skipped" in out
+
+
+def test_model_from_file(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent("""
+        from torch import nn
+        def build():
+            net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+            net.example_input_shape = (2, 3, 12, 12)
+            return net
+    """))
+    assert main(["run", f"{path}:build", "--o", "1", "--m", "2", "--exclude", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "excluded by exclude pattern '0'" in out
+    assert "input (2, 3, 12, 12)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "resnet18"], "MODEL must look like"),
+    (["run", "torchvision:no_such_model"], "unknown torchvision model"),
+    (["run", "missing.py:build"], "does not exist"),
+    (["run", "torchvision:resnet18", "--o", "0"], "o=0"),
+    (["run", "torchvision:resnet18", "--m", "1.5"], "m=1.5"),
+])
+def test_errors_are_reported_not_raised(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
