@@ -18,7 +18,8 @@ class RewrittenLayer(nn.Module):
     Subclasses define ``compute(x, attr, stage)`` (see :mod:`passes.inline_modules`), which
     ``forward`` runs eagerly and the inline pass expands into graph nodes; ``form``
     (``"training"`` or ``"folded"``); ``folded()``, the inference form (``self`` when already
-    folded); and ``params_before`` / ``params_after``.
+    folded); ``params_before`` / ``params_after``; and ``macs(output_shape)``, the
+    multiply-accumulates of one call before and after the rewrite (the method's theory).
     """
 
     form: str
@@ -30,4 +31,7 @@ class RewrittenLayer(nn.Module):
         return self.compute(x, partial(getattr, self), _no_stage)
 
     def folded(self) -> RewrittenLayer:
+        raise NotImplementedError
+
+    def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
         raise NotImplementedError

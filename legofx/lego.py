@@ -11,6 +11,18 @@ from legofx.records import LayerRecord
 from legofx.rewrite import Method, rewrite
 
 
+def paper_compression(layer: LegoConv2d) -> float:
+    """LegoNet eq. 1: ``n c d^2 / (m (c/o) d^2 + n o m)`` (M stored as bits; d^2 = kh*kw)."""
+    n, c, (kh, kw), o, m = layer.out_channels, layer.in_channels, layer.kernel_size, layer.o, layer.m
+    return n * c * kh * kw / (m * (c // o) * kh * kw + n * o * m)
+
+
+def paper_speedup(layer: LegoConv2d) -> float:
+    """LegoNet eq. 2: ``n c d^2 / (m c d^2 + n o)`` (the merge's additions included)."""
+    n, c, (kh, kw), o, m = layer.out_channels, layer.in_channels, layer.kernel_size, layer.o, layer.m
+    return n * c * kh * kw / (m * c * kh * kw + n * o)
+
+
 def lego_method(o: int, m: int | float) -> Method:
     """The LegoNet rewrite with ``o`` fragments and ``m`` Lego filters (fraction or count)."""
 
@@ -34,6 +46,8 @@ def lego_method(o: int, m: int | float) -> Method:
             kernel_size=layer.kernel_size, o=layer.o, m=layer.m,
             params_before=layer.params_before, params_after=layer.params_after,
             index_entries=layer.out_channels * layer.o, calls=calls, form=layer.form,
+            settings=f"o={layer.o} m={layer.m}",
+            theory_compression=paper_compression(layer), theory_speedup=paper_speedup(layer),
         )
 
     return Method("lego", reason_to_skip, build, record)

@@ -113,6 +113,12 @@ class _LegoLayer(RewrittenLayer):
         """Floating-point parameters of the inference form: Lego filters, coefficients, bias."""
         return self.lego.numel() + self.coef.numel() + (0 if self.bias is None else self.bias.numel())
 
+    def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Dense conv vs Lego conv (``m*c*kh*kw``) + merge (``n*o``) per output pixel."""
+        pixels = output_shape[0] * output_shape[2] * output_shape[3]
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        return pixels * n * c * kh * kw, pixels * (self.m * c * kh * kw + n * self.o)
+
     def _maps(self, x, attr, stage):
         with stage("split"):
             frags = split_fragments(x, self.o)

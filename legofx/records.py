@@ -22,7 +22,9 @@ class LayerRecord:
     floating-point parameters of the layer's inference form (for a Lego layer: Lego filters,
     coefficients, bias; the selection adds ``index_entries`` small integers). A skipped conv
     keeps its parameters, so there ``params_after == params_before``. ``form`` is
-    ``"training"``, ``"folded"`` or, for a skipped conv, ``"original"``.
+    ``"training"``, ``"folded"`` or, for a skipped conv, ``"original"``. ``settings`` shows
+    the method's per-layer settings (``"o=2 m=32"``); ``theory_compression`` and
+    ``theory_speedup`` are the method paper's formulas for the layer (LegoNet eq. 1 and 2).
     """
 
     name: str
@@ -39,6 +41,9 @@ class LayerRecord:
     index_entries: int = 0
     calls: int = 0
     form: str = "original"
+    settings: str = ""
+    theory_compression: float | None = None
+    theory_speedup: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -51,12 +56,14 @@ def conv_params(conv: nn.Module) -> int:
     return sum(p.numel() for p in conv.parameters(recurse=False) if not is_lazy(p))
 
 
-def skipped_record(name: str, conv: nn.Conv2d, method: str, reason: str, calls: int) -> LayerRecord:
-    params = conv_params(conv)
+def skipped_record(name: str, module: nn.Module, method: str, reason: str, calls: int) -> LayerRecord:
+    """The record of a kept ``Conv2d`` (or ``Linear``: features as channels, no kernel)."""
+    params = conv_params(module)
     return LayerRecord(
         name=name, status="skipped", reason=reason, method=method,
-        in_channels=conv.in_channels, out_channels=conv.out_channels,
-        kernel_size=tuple(conv.kernel_size), o=None, m=None,
+        in_channels=getattr(module, "in_channels", getattr(module, "in_features", 0)),
+        out_channels=getattr(module, "out_channels", getattr(module, "out_features", 0)),
+        kernel_size=tuple(getattr(module, "kernel_size", ())), o=None, m=None,
         params_before=params, params_after=params, calls=calls,
     )
 

@@ -14,19 +14,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import passes
+from legofx.layer_base import RewrittenLayer
 from legofx.records import LayerRecord, summary
-
-
-def paper_compression(r: LayerRecord) -> float:
-    """LegoNet eq. 1: ``n c d^2 / (m (c/o) d^2 + n o m)`` (M stored as bits; d^2 = kh*kw)."""
-    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
-    return n * c * d2 / (r.m * (c // r.o) * d2 + n * r.o * r.m)
-
-
-def paper_speedup(r: LayerRecord) -> float:
-    """LegoNet eq. 2: ``n c d^2 / (m c d^2 + n o)`` (the merge's additions included)."""
-    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
-    return n * c * d2 / (r.m * c * d2 + n * r.o)
 
 
 @dataclass
@@ -46,13 +35,13 @@ def _as_tuple(example_inputs) -> tuple:
     )
 
 
-def _theory(r: LayerRecord, out_shape: torch.Size, groups: int) -> tuple[int, int]:
-    pixels = out_shape[0] * out_shape[2] * out_shape[3]
-    n, c, d2 = r.out_channels, r.in_channels, r.kernel_size[0] * r.kernel_size[1]
-    before = pixels * n * (c // groups) * d2
-    if not r.rewritten:
-        return before, before
-    return before, pixels * (r.m * c * d2 + n * r.o)
+def dense_macs(module: nn.Module, output_shape: torch.Size) -> int:
+    """MACs of one call of a plain ``Conv2d`` (grouped too) or ``Linear``."""
+    if isinstance(module, nn.Linear):
+        return output_shape.numel() * module.in_features
+    pixels = output_shape[0] * output_shape[2] * output_shape[3]
+    kernel = module.kernel_size[0] * module.kernel_size[1]
+    return pixels * module.out_channels * (module.in_channels // module.groups) * kernel
 
 
 def _counted_macs(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> int:
@@ -66,7 +55,7 @@ def measure_macs(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, LayerMac
 
     Runs a copy of ``gm`` in eval mode with its rewritten regions collapsed into module calls,
     so forward hooks see every conv call (a module called twice counts twice). Layer MACs are
-    the theory (dense conv; Lego conv + merge); the network's total is ``FlopCounterMode``'s
+    each layer's theory (:meth:`RewrittenLayer.macs`); the network's total is ``FlopCounterMode``'s
     count (convs, matmuls) with each rewritten layer's own count replaced by its theory.
     """
     inputs = _as_tuple(example_inputs)
@@ -77,12 +66,13 @@ def measure_macs(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, LayerMac
 
     def hook(name):
         def record_call(module, args, output):
-            groups = getattr(module, "groups", 1)
-            before, after = _theory(records[name], output.shape, groups)
+            if isinstance(module, RewrittenLayer):
+                before, after = module.macs(output.shape)
+                calls.append((name, args[0].shape, args[0]))
+            else:
+                before = after = dense_macs(module, output.shape)
             macs[name].before += before
             macs[name].after += after
-            if records[name].rewritten:
-                calls.append((name, args[0].shape, args[0]))
         return record_call
 
     modules = dict(work.named_modules())
@@ -118,6 +108,10 @@ def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "-"
 
 
+def _theory(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _compact(value: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= size:
@@ -128,7 +122,7 @@ def _compact(value: int) -> str:
 def coverage_lines(records: list[LayerRecord]) -> list[str]:
     """Eligible / rewritten / skipped counts, and the skipped ones grouped by reason."""
     rewritten = sum(r.rewritten for r in records)
-    lines = [f"convs: {len(records)} found, {rewritten} rewritten, "
+    lines = [f"layers: {len(records)} found, {rewritten} rewritten, "
              f"{len(records) - rewritten} skipped"]
     kinds = Counter(reason_kind(r.reason) for r in records if not r.rewritten)
     for kind, count in kinds.most_common():
@@ -140,8 +134,8 @@ def coverage_lines(records: list[LayerRecord]) -> list[str]:
 def report(gm: fx.GraphModule, example_inputs=None) -> str:
     """A ``tabulate`` table, one row per conv, then totals for the whole network.
 
-    Always: status, shapes, ``o``/``m``, parameters before/after and the paper's compression
-    (eq. 1) and speed-up (eq. 2) per layer. Given ``example_inputs`` (a tensor or a tuple of
+    Always: status, shapes, settings (``o``/``m``), parameters before/after and the method
+    paper's compression and speed-up formulas per layer (LegoNet: eq. 1 and eq. 2). Given ``example_inputs`` (a tensor or a tuple of
     tensors; the model runs once, in eval mode, on a copy), also the MACs of every layer
     before/after for those inputs (a layer called twice counts twice) and of the network.
     """
@@ -152,23 +146,22 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
     rows = []
     for r in records:
         row = [r.name, r.status, r.form, f"{r.in_channels}->{r.out_channels}",
-               "x".join(map(str, r.kernel_size)), r.o or "-", r.m or "-",
+               "x".join(map(str, r.kernel_size)) or "-", r.settings or "-",
                _compact(r.params_before), _compact(r.params_after),
-               f"{paper_compression(r):.2f}x" if r.rewritten else "-",
-               f"{paper_speedup(r):.2f}x" if r.rewritten else "-"]
+               _theory(r.theory_compression), _theory(r.theory_speedup)]
         if macs is not None:
             layer = macs[r.name]
             row += [_compact(layer.before), _compact(layer.after), _ratio(layer.before, layer.after)]
         rows.append(row + [r.reason])
-    headers = ["conv", "status", "form", "c->n", "kernel", "o", "m", "params", "params after",
-               "eq.1 compr.", "eq.2 speed-up"]
+    headers = ["layer", "status", "form", "in->out", "kernel", "settings", "params",
+               "params after", "compr. (paper)", "speed-up (paper)"]
     if macs is not None:
         headers += ["MACs", "MACs after", "MAC ratio"]
     lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
     lines += coverage_lines(records)
     conv_before = sum(r.params_before for r in records)
     conv_after = sum(r.params_after for r in records)
-    lines.append(f"conv parameters: {conv_before:,} -> {conv_after:,} "
+    lines.append(f"layer parameters: {conv_before:,} -> {conv_after:,} "
                  f"({_ratio(conv_before, conv_after)} smaller)")
     net_before, net_after = network_params(gm, records)
     lines.append(f"network parameters (inference form): {net_before:,} -> {net_after:,} "
@@ -177,7 +170,7 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
     if macs is not None:
         conv_macs_before = sum(m.before for m in macs.values())
         conv_macs_after = sum(m.after for m in macs.values())
-        lines.append(f"conv MACs: {conv_macs_before:,} -> {conv_macs_after:,} "
+        lines.append(f"layer MACs: {conv_macs_before:,} -> {conv_macs_after:,} "
                      f"({_ratio(conv_macs_before, conv_macs_after)} fewer)")
         lines.append(f"network MACs: {totals[0]:,} -> {totals[1]:,} "
                      f"({_ratio(totals[0], totals[1])} fewer)")

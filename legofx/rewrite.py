@@ -15,22 +15,23 @@ import passes
 from legofx.arguments import Patterns, check_model
 from legofx.layer_base import RewrittenLayer
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
-from legofx.tracing import overrides_conv_forward, trace
+from legofx.tracing import overrides_forward, trace
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way of rewriting ``nn.Conv2d`` modules.
+    """One way of rewriting modules of some ``types`` (``nn.Conv2d`` unless said otherwise).
 
-    ``reason_to_skip(conv)`` gives the method's own reason a conv is kept (or ``None``);
-    ``build(conv)`` returns the training-form :class:`RewrittenLayer`; ``record(name, layer,
+    ``reason_to_skip(module)`` gives the method's own reason a module is kept (or ``None``);
+    ``build(module)`` returns the training-form :class:`RewrittenLayer`; ``record(name, layer,
     calls)`` describes a rewritten layer.
     """
 
     name: str
-    reason_to_skip: Callable[[nn.Conv2d], str | None]
-    build: Callable[[nn.Conv2d], RewrittenLayer]
+    reason_to_skip: Callable[[nn.Module], str | None]
+    build: Callable[[nn.Module], RewrittenLayer]
     record: Callable[[str, RewrittenLayer, int], LayerRecord]
+    types: tuple[type, ...] = (nn.Conv2d,)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -44,8 +45,9 @@ def generic_reason_to_skip(use: passes.ModuleUse) -> str | None:
     conv = use.module
     if not use.calls and not use.attribute_reads:
         return "never called by the traced forward (not in the graph)"
-    if overrides_conv_forward(conv):
-        return f"{type(conv).__name__} overrides nn.Conv2d's forward, so its semantics are unknown"
+    if overrides_forward(conv):
+        base = next(b.__name__ for b in type(conv).__mro__ if b.__module__.startswith("torch.nn"))
+        return f"{type(conv).__name__} overrides nn.{base}'s forward, so its semantics are unknown"
     if use.attribute_reads:
         names = ", ".join(sorted({node.target for node in use.attribute_reads}))
         return (f"the graph reads its tensors directly ({names}), as in "
@@ -62,18 +64,19 @@ def generic_reason_to_skip(use: passes.ModuleUse) -> str | None:
 
 
 def rewrite(model: nn.Module, method: Method, include=None, exclude=None) -> fx.GraphModule:
-    """A traced copy of ``model`` with every eligible ``nn.Conv2d`` rewritten by ``method``."""
+    """A traced copy of ``model`` with every eligible module of ``method.types`` rewritten."""
     check_model(model)
     patterns = Patterns(include, exclude)
     gm = trace(model)
-    originals = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Conv2d)}
-    convs = list(originals) + [name for name, mod in gm.named_modules()
-                               if isinstance(mod, nn.Conv2d) and name not in originals]
-    patterns.check_used(convs, "Conv2d")
+    kinds = method.types
+    originals = {name: mod for name, mod in model.named_modules() if isinstance(mod, kinds)}
+    names = list(originals) + [name for name, mod in gm.named_modules()
+                               if isinstance(mod, kinds) and name not in originals]
+    patterns.check_used(names, "/".join(kind.__name__ for kind in kinds))
     records: dict[str, LayerRecord] = {}
     layers: dict[str, RewrittenLayer] = {}
-    for use in passes.module_uses(gm, convs):
-        if not isinstance(use.module, nn.Conv2d):  # the trace kept no module (or a stub) here
+    for use in passes.module_uses(gm, names):
+        if not isinstance(use.module, kinds):  # the trace kept no module (or a stub) here
             use.module = originals[use.name]
         reason = (patterns.reason_to_skip(use.name) or generic_reason_to_skip(use)
                   or method.reason_to_skip(use.module))

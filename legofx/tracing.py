@@ -12,8 +12,22 @@ class TraceError(RuntimeError):
     """``torch.fx`` could not trace the model."""
 
 
-class ConvLeafTracer(fx.Tracer):
-    """``fx.Tracer`` that also keeps ``Conv2d`` subclasses with ``Conv2d``'s math as leaves.
+REWRITABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """Whether a ``Conv2d`` / ``Linear`` subclass computes something else than its base does."""
+    for base in REWRITABLE_TYPES:
+        if isinstance(module, base):
+            kind = type(module)
+            return any(getattr(kind, method) is not getattr(base, method)
+                       for method in ("forward", "_conv_forward") if hasattr(base, method))
+    return False
+
+
+class PlainLeafTracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps subclasses of ``Conv2d`` / ``Linear`` as leaves when
+    they compute what their base class does.
 
     The default tracer only keeps modules defined in ``torch.nn`` as leaves, so a trivial
     subclass (``class MyConv(nn.Conv2d): pass``) would be traced through into ``F.conv2d`` on
@@ -21,15 +35,9 @@ class ConvLeafTracer(fx.Tracer):
     """
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, nn.Conv2d) and not overrides_conv_forward(module):
+        if isinstance(module, REWRITABLE_TYPES) and not overrides_forward(module):
             return True
         return super().is_leaf_module(module, qualified_name)
-
-
-def overrides_conv_forward(module: nn.Module) -> bool:
-    """Whether a ``Conv2d`` subclass computes something else than ``nn.Conv2d`` does."""
-    kind = type(module)
-    return kind.forward is not nn.Conv2d.forward or kind._conv_forward is not nn.Conv2d._conv_forward
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -48,7 +56,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         return copy_model(model)
     owned = copy_model(model)
     try:
-        graph = ConvLeafTracer().trace(owned)
+        graph = PlainLeafTracer().trace(owned)
         return fx.GraphModule(owned, graph, type(owned).__name__)
     except Exception as err:
         raise TraceError(

@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import legofx
-from legofx.report import measure_macs, network_params, paper_compression, paper_speedup, reason_kind
+from legofx.lego import paper_compression, paper_speedup
+from legofx.report import measure_macs, network_params, reason_kind
 
 
 class Small(nn.Module):
@@ -53,9 +54,13 @@ def test_summary_is_a_copy():
 
 
 def test_paper_formulas():
-    record = legofx.LayerRecord("c", "rewritten", "", "lego", 64, 64, (3, 3), 2, 32, 0, 0)
-    assert paper_compression(record) == pytest.approx(64 * 64 * 9 / (32 * 32 * 9 + 64 * 2 * 32))
-    assert paper_speedup(record) == pytest.approx(64 * 64 * 9 / (32 * 64 * 9 + 64 * 2))
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(64, 64, 3)), o=2, m=32)
+    record, layer = legofx.summary(gm)[0], gm.get_submodule("0")
+    assert paper_compression(layer) == pytest.approx(64 * 64 * 9 / (32 * 32 * 9 + 64 * 2 * 32))
+    assert paper_speedup(layer) == pytest.approx(64 * 64 * 9 / (32 * 64 * 9 + 64 * 2))
+    assert (record.theory_compression, record.theory_speedup) == (
+        paper_compression(layer), paper_speedup(layer))
+    assert record.settings == "o=2 m=32"
 
 
 def test_network_parameter_totals_are_exact():
@@ -86,7 +91,7 @@ def test_report_table_and_totals():
     text = legofx.report(gm, torch.randn(1, 3, 16, 16))
     for name in ("stem", "body", "down", "group"):
         assert name in text
-    assert "convs: 4 found, 2 rewritten, 2 skipped" in text
+    assert "layers: 4 found, 2 rewritten, 2 skipped" in text
     assert "in_channels=3 is not divisible by o=2" in text
     assert "groups=4: grouped convolutions are kept" in text
     assert "network MACs:" in text and "MAC ratio" in text
