@@ -18,11 +18,14 @@ class RewrittenLayer(nn.Module):
     Subclasses define ``compute(x, attr, stage)`` (see :mod:`passes.inline_modules`), which
     ``forward`` runs eagerly and the inline pass expands into graph nodes; ``form``
     (``"training"`` or ``"folded"``); ``folded()``, the inference form (``self`` when already
-    folded); ``params_before`` / ``params_after``; and ``macs(output_shape)``, the
-    multiply-accumulates of one call before and after the rewrite (the method's theory).
+    folded); ``params_before`` / ``params_after``; ``macs(output_shape)``, the
+    multiply-accumulates of one call before and after the rewrite (the method's theory); and
+    ``lowering``, how the current form computes (shown in summaries).
     """
 
     form: str
+    lowering: str = ""
+    inline = True  # whether the inline pass expands its compute() into graph nodes
 
     def compute(self, x: Tensor, attr, stage) -> Tensor:
         raise NotImplementedError

@@ -125,7 +125,15 @@ class _LegoLayer(RewrittenLayer):
         with stage("lego_conv"):
             return convolve_fragments(frags, attr("lego"), self.o, self.geometry)
 
+    groups = 1  # what code written for the replaced nn.Conv2d may read
+
     def reconstruct_weight(self) -> Tensor:
+        return reconstruct_weight(self.lego, self.selection(), self.coef)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(n, c, kh, kw)`` weight, differentiable: code that reads ``conv.weight``
+        of a conv replaced at module level still computes (and trains) the layer."""
         return reconstruct_weight(self.lego, self.selection(), self.coef)
 
     def extra_repr(self) -> str:
@@ -142,6 +150,7 @@ class LegoConv2d(_LegoLayer):
     """
 
     form = "training"
+    lowering = "split/lego-conv/merge (1x1 conv with coef*M)"
 
     def __init__(self, conv: nn.Conv2d, o: int, m: int) -> None:
         super().__init__(conv_geometry(conv), o, m)
@@ -182,6 +191,12 @@ class LegoConv2d(_LegoLayer):
         """``k(j, i)``: the Lego filter each (output channel, fragment) uses, ``(n, o)`` int64."""
         return self.proxy.detach().argmax(-1)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight with the straight-through selection, so ``proxy`` gets gradients."""
+        onehot = straight_through_onehot(self.proxy, self.m)
+        return torch.einsum("jik,kchw,ji->jichw", onehot, self.lego, self.coef).flatten(1, 2)
+
     def folded(self) -> FoldedLegoConv2d:
         return FoldedLegoConv2d(self)
 
@@ -194,6 +209,7 @@ class FoldedLegoConv2d(_LegoLayer):
     """
 
     form = "folded"
+    lowering = "gather (index_select, mul, sum)"
 
     def __init__(self, trained: LegoConv2d) -> None:
         super().__init__(trained.geometry, trained.o, trained.m)

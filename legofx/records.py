@@ -25,6 +25,9 @@ class LayerRecord:
     ``"training"``, ``"folded"`` or, for a skipped conv, ``"original"``. ``settings`` shows
     the method's per-layer settings (``"o=2 m=32"``); ``theory_compression`` and
     ``theory_speedup`` are the method paper's formulas for the layer (LegoNet eq. 1 and 2).
+    ``where`` tells how a rewritten layer is reached: ``"graph"`` (explicit nodes of the main
+    graph), ``"leaf"`` (nodes of a graph traced inside a module that could not be traced as a
+    whole) or ``"module"`` (a module replaced in place, called by eager code).
     """
 
     name: str
@@ -41,6 +44,9 @@ class LayerRecord:
     index_entries: int = 0
     calls: int = 0
     form: str = "original"
+    where: str = ""
+    lowering: str = ""
+    groups: int = 1
     settings: str = ""
     theory_compression: float | None = None
     theory_speedup: float | None = None
@@ -65,27 +71,46 @@ def skipped_record(name: str, module: nn.Module, method: str, reason: str, calls
         out_channels=getattr(module, "out_channels", getattr(module, "out_features", 0)),
         kernel_size=tuple(getattr(module, "kernel_size", ())), o=None, m=None,
         params_before=params, params_after=params, calls=calls,
+        groups=getattr(module, "groups", 1),
     )
 
 
-def stored_records(gm: nn.Module) -> list[LayerRecord]:
-    meta = getattr(gm, "meta", None)
-    if not isinstance(gm, fx.GraphModule) or not isinstance(meta, dict) or META_KEY not in meta:
-        if any(isinstance(module, RewrittenLayer) for module in gm.modules()):
+def _meta(module: nn.Module) -> dict | None:
+    """Where legofx keeps its records: ``GraphModule.meta`` (which its deepcopy keeps), or
+    the module's ``__dict__`` for a model whose own forward could not be traced."""
+    if isinstance(module, fx.GraphModule):
+        return getattr(module, "meta", {}).get(META_KEY)
+    return module.__dict__.get("_legofx_meta") if isinstance(module, nn.Module) else None
+
+
+def stored_meta(module: nn.Module) -> dict:
+    meta = _meta(module)
+    if meta is None:
+        if isinstance(module, nn.Module) and any(
+                isinstance(sub, RewrittenLayer) for sub in module.modules()):
             raise ValueError(
-                f"{type(gm).__name__} holds legofx layers but has lost its records and graph "
+                f"{type(module).__name__} holds legofx layers but has lost its records and graph "
                 "tags (a pickled GraphModule keeps neither): rebuild it with legofx.transform "
                 "on the original model and load_state_dict the saved weights"
             )
         raise ValueError(
-            f"gm must be a model returned by legofx.transform (or fold), got {type(gm).__name__} "
-            "without legofx records"
+            f"gm must be a model returned by legofx.transform (or fold), got "
+            f"{type(module).__name__} without legofx records"
         )
-    return meta[META_KEY]["records"]
+    return meta
 
 
-def store_records(gm: fx.GraphModule, records: list[LayerRecord]) -> None:
-    gm.meta.setdefault(META_KEY, {})["records"] = records
+def stored_records(module: nn.Module) -> list[LayerRecord]:
+    return stored_meta(module)["records"]
+
+
+def store_records(module: nn.Module, records: list[LayerRecord], untraced: dict[str, str]) -> None:
+    """Keep the records and the modules left untraced (name -> why) with the model."""
+    meta = {"records": records, "untraced": untraced}
+    if isinstance(module, fx.GraphModule):
+        module.meta[META_KEY] = meta
+    else:
+        module.__dict__["_legofx_meta"] = meta
 
 
 def summary(gm: nn.Module) -> list[LayerRecord]:
@@ -97,6 +122,7 @@ def summary(gm: nn.Module) -> list[LayerRecord]:
     for record in stored_records(gm):
         record = dataclasses.replace(record, extra=dict(record.extra))
         if record.rewritten:
-            record.form = getattr(gm.get_submodule(record.name), "form", record.form)
+            layer = gm.get_submodule(record.name)
+            record.form, record.lowering = layer.form, layer.lowering
         result.append(record)
     return result

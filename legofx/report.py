@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import passes
 from legofx.layer_base import RewrittenLayer
-from legofx.records import LayerRecord, summary
+from legofx.records import LayerRecord, stored_meta, summary
+from legofx.rewrite import graph_modules
 
 
 @dataclass
@@ -60,7 +61,9 @@ def measure_macs(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, LayerMac
     """
     inputs = _as_tuple(example_inputs)
     records = {r.name: r for r in summary(gm)}
-    work = passes.collapse_regions(copy.deepcopy(gm)).eval()
+    work = copy.deepcopy(gm).eval()
+    for graph_module in graph_modules(work):
+        passes.collapse_regions(graph_module)
     macs = {name: LayerMacs() for name in records}
     calls: list[tuple[str, torch.Size, torch.Tensor]] = []
 
@@ -119,15 +122,25 @@ def _compact(value: int) -> str:
     return str(value)
 
 
-def coverage_lines(records: list[LayerRecord]) -> list[str]:
-    """Eligible / rewritten / skipped counts, and the skipped ones grouped by reason."""
-    rewritten = sum(r.rewritten for r in records)
-    lines = [f"layers: {len(records)} found, {rewritten} rewritten, "
-             f"{len(records) - rewritten} skipped"]
+def coverage_lines(records: list[LayerRecord], untraced: dict[str, str]) -> list[str]:
+    """Found / rewritten (and how each is reached) / skipped, skipped grouped by reason, and
+    the modules that run eagerly because they could not be traced, each with its reason."""
+    rewritten = [r for r in records if r.rewritten]
+    where = Counter(r.where for r in rewritten)
+    via = ", ".join(f"{kind} {where[kind]}" for kind in ("graph", "leaf", "module") if where[kind])
+    lines = [f"layers: {len(records)} found, rewritten {len(rewritten)}"
+             + (f" ({via})" if via else "") + f", skipped {len(records) - len(rewritten)}"]
     kinds = Counter(reason_kind(r.reason) for r in records if not r.rewritten)
     for kind, count in kinds.most_common():
         example = next(r for r in records if not r.rewritten and reason_kind(r.reason) == kind)
         lines.append(f"  skipped {count} x: {example.reason}" + (" (and similar)" if count > 1 else ""))
+    if untraced:
+        lines.append(f"modules that could not be traced and run eagerly: {len(untraced)} "
+                     "(convs inside them are rewritten in traced sub-graphs or at module level)")
+        for name, reason in list(untraced.items())[:10]:
+            lines.append(f"  {name}: {reason}")
+        if len(untraced) > 10:
+            lines.append(f"  ... and {len(untraced) - 10} more")
     return lines
 
 
@@ -145,7 +158,7 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
         macs, *totals = measure_macs(gm, example_inputs)
     rows = []
     for r in records:
-        row = [r.name, r.status, r.form, f"{r.in_channels}->{r.out_channels}",
+        row = [r.name, r.status, r.where or "-", r.form, f"{r.in_channels}->{r.out_channels}",
                "x".join(map(str, r.kernel_size)) or "-", r.settings or "-",
                _compact(r.params_before), _compact(r.params_after),
                _theory(r.theory_compression), _theory(r.theory_speedup)]
@@ -153,12 +166,12 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
             layer = macs[r.name]
             row += [_compact(layer.before), _compact(layer.after), _ratio(layer.before, layer.after)]
         rows.append(row + [r.reason])
-    headers = ["layer", "status", "form", "in->out", "kernel", "settings", "params",
+    headers = ["layer", "status", "via", "form", "in->out", "kernel", "settings", "params",
                "params after", "compr. (paper)", "speed-up (paper)"]
     if macs is not None:
         headers += ["MACs", "MACs after", "MAC ratio"]
     lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
-    lines += coverage_lines(records)
+    lines += coverage_lines(records, stored_meta(gm)["untraced"])
     conv_before = sum(r.params_before for r in records)
     conv_after = sum(r.params_after for r in records)
     lines.append(f"layer parameters: {conv_before:,} -> {conv_after:,} "

@@ -92,6 +92,31 @@ class Twice(nn.Module):
         return self.conv(torch.relu(self.conv(x)))
 
 
+class Gate(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, so legofx keeps it as a leaf."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x) if x.mean() > -100 else x
+
+
+class DropPath(nn.Module):
+    """Code that branches on ``self.training`` (stochastic depth)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            y = y * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.8) / 0.8
+        return x + y
+
+
 class Net(nn.Module):
     def __init__(self, blocks: list[nn.Module], head: nn.Module | None) -> None:
         super().__init__()
@@ -105,12 +130,15 @@ class Net(nn.Module):
 
 
 @st.composite
-def networks(draw, dtype=torch.float64, max_blocks: int = 6) -> tuple[nn.Module, torch.Tensor]:
-    """A small random CNN: convs, BN, ReLU, residual adds, concat, pooling, shared convs."""
+def networks(draw, dtype=torch.float64, max_blocks: int = 6,
+             data_dependent: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A small random CNN: convs, BN, ReLU, residual adds, concat, pooling, shared convs, and
+    blocks fx cannot trace (data-dependent control flow, unless ``data_dependent=False``, and
+    code that branches on training)."""
     torch.manual_seed(draw(st.integers(0, 2**16)))
     channels = draw(st.sampled_from([2, 4, 6]))
     c_in, size, blocks = channels, 12, []
-    with_convs = ["conv", "residual", "concat", "twice"]
+    with_convs = ["conv", "residual", "concat", "twice", "droppath"] + ["gate"] * data_dependent
     for index in range(draw(st.integers(1, max_blocks))):
         kinds = with_convs if index == 0 else with_convs + ["bn", "relu", "pool"]
         kind = draw(st.sampled_from(kinds))
@@ -130,6 +158,12 @@ def networks(draw, dtype=torch.float64, max_blocks: int = 6) -> tuple[nn.Module,
             channels = left + right
         elif kind == "twice":
             blocks.append(Twice(_conv(draw, channels, channels)))
+        elif kind == "gate":
+            out = draw(st.sampled_from([2, 4, 6]))
+            blocks.append(Gate(_conv(draw, channels, out)))
+            channels = out
+        elif kind == "droppath":
+            blocks.append(DropPath(_conv(draw, channels, channels)))
         elif size >= 6:
             blocks.append(draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2)])))
             size //= 2

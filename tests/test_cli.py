@@ -13,7 +13,7 @@ def test_default_main_job(capsys):
     out = capsys.readouterr().out
     assert "layer4.1.conv2" in out and "rewritten" in out
     assert "fold equivalence verified" in out
-    assert "layers: 20 found, 19 rewritten, 1 skipped" in out
+    assert "layers: 20 found, rewritten 19 (graph 19), skipped 1" in out
 
 
 def test_model_from_file(tmp_path, capsys):

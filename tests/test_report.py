@@ -91,7 +91,7 @@ def test_report_table_and_totals():
     text = legofx.report(gm, torch.randn(1, 3, 16, 16))
     for name in ("stem", "body", "down", "group"):
         assert name in text
-    assert "layers: 4 found, 2 rewritten, 2 skipped" in text
+    assert "layers: 4 found, rewritten 2 (graph 2), skipped 2" in text
     assert "in_channels=3 is not divisible by o=2" in text
     assert "groups=4: grouped convolutions are kept" in text
     assert "network MACs:" in text and "MAC ratio" in text
