@@ -25,6 +25,18 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {name}={value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={value!r} ({type(value).__name__})")
+    return value
+
+
 def check_size_spec(name: str, value: object, of: str) -> int | float:
     """A float fraction in (0, 1] of ``of``, or an absolute int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -49,6 +49,19 @@ def straight_through_onehot(proxy: Tensor, m: int) -> Tensor:
     return hard + (proxy - proxy.detach())
 
 
+def selection_onehot(proxy: Tensor, m: int, frozen: Tensor, frozen_index: Tensor) -> Tensor:
+    """The training form's ``M``: straight-through one-hot of ``argmax proxy``; once
+    ``frozen`` (a 0-dim bool), the one-hot of ``frozen_index`` with a zero gradient to ``proxy``.
+
+    Freezing is data, not control flow: the traced graph stays the same, the proxies keep
+    taking part (with zero gradients, as ``DistributedDataParallel`` expects), and momentum or
+    weight decay that still move them cannot change a frozen selection.
+    """
+    index = torch.where(frozen, frozen_index, proxy.argmax(-1))
+    hard = F.one_hot(index, m).type_as(proxy)
+    return hard + (proxy - proxy.detach()) * frozen.logical_not().type_as(proxy)
+
+
 def merge_selected(maps: Tensor, select: Tensor, coef: Tensor, bias: Tensor | None,
                    n: int) -> Tensor:
     """Training-form merge: a 1x1 conv whose ``(n, o*m)`` kernel is ``coef * M``."""
@@ -110,8 +123,10 @@ class _LegoLayer(RewrittenLayer):
 
     @property
     def params_after(self) -> int:
-        """Floating-point parameters of the inference form: Lego filters, coefficients, bias."""
-        return self.lego.numel() + self.coef.numel() + (0 if self.bias is None else self.bias.numel())
+        """Floating-point parameters of the inference form: Lego filters, coefficients (when
+        learned), bias."""
+        coef = self.coef.numel() if isinstance(self.coef, nn.Parameter) else 0
+        return self.lego.numel() + coef + (0 if self.bias is None else self.bias.numel())
 
     def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
         """Dense conv vs Lego conv (``m*c*kh*kw``) + merge (``n*o``) per output pixel."""
@@ -152,14 +167,21 @@ class LegoConv2d(_LegoLayer):
     form = "training"
     lowering = "split/lego-conv/merge (1x1 conv with coef*M)"
 
-    def __init__(self, conv: nn.Conv2d, o: int, m: int) -> None:
+    def __init__(self, conv: nn.Conv2d, o: int, m: int, coefficients: bool = True) -> None:
         super().__init__(conv_geometry(conv), o, m)
         n, c, (kh, kw) = conv.out_channels, conv.in_channels, self.kernel_size
         like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.lego = nn.Parameter(torch.empty(m, c // o, kh, kw, **like))
         self.proxy = nn.Parameter(torch.empty(n, o, m, **like))
-        self.coef = nn.Parameter(torch.empty(n, o, **like))
+        if coefficients:
+            self.coef = nn.Parameter(torch.empty(n, o, **like))
+        else:  # the paper's variant without coefficients: constant ones
+            self.register_buffer("coef", torch.empty(n, o, **like))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.init_error: float | None = None  # set by init="weights"
+        self.register_buffer("frozen", torch.tensor(False, device=like["device"]))
+        self.register_buffer("frozen_index", torch.zeros(n, o, dtype=torch.int64,
+                                                         device=like["device"]))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -177,24 +199,34 @@ class LegoConv2d(_LegoLayer):
         bound = 1.0 / math.sqrt(c * kh * kw)
         self.lego.uniform_(-bound, bound)
         self.coef.fill_(1.0)
-        choice = (torch.randperm(n * self.o) % self.m).view(n, self.o).to(self.proxy.device)
-        self.proxy.copy_(F.one_hot(choice, self.m))
+        choice = (torch.randperm(n * self.o) % self.m).view(n, self.o, 1).to(self.proxy.device)
+        self.proxy.zero_().scatter_(-1, choice, 1.0)
 
     def compute(self, x, attr, stage):
         maps = self._maps(x, attr, stage)
         with stage("select"):
-            select = straight_through_onehot(attr("proxy"), self.m)
+            select = selection_onehot(attr("proxy"), self.m, attr("frozen"), attr("frozen_index"))
         with stage("merge"):
             return merge_selected(maps, select, attr("coef"), attr("bias"), self.out_channels)
 
     def selection(self) -> Tensor:
         """``k(j, i)``: the Lego filter each (output channel, fragment) uses, ``(n, o)`` int64."""
-        return self.proxy.detach().argmax(-1)
+        return self.frozen_index.clone() if self.frozen else self.proxy.detach().argmax(-1)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the selection (see :func:`selection_onehot`)."""
+        self.frozen_index.copy_(self.selection())
+        self.frozen.fill_(True)
+
+    @torch.no_grad()
+    def unfreeze(self) -> None:
+        self.frozen.fill_(False)
 
     @property
     def weight(self) -> Tensor:
         """The dense weight with the straight-through selection, so ``proxy`` gets gradients."""
-        onehot = straight_through_onehot(self.proxy, self.m)
+        onehot = selection_onehot(self.proxy, self.m, self.frozen, self.frozen_index)
         return torch.einsum("jik,kchw,ji->jichw", onehot, self.lego, self.coef).flatten(1, 2)
 
     def folded(self) -> FoldedLegoConv2d:
@@ -215,7 +247,10 @@ class FoldedLegoConv2d(_LegoLayer):
         super().__init__(trained.geometry, trained.o, trained.m)
         self.train(trained.training)
         self.lego = nn.Parameter(trained.lego.detach().clone(), trained.lego.requires_grad)
-        self.coef = nn.Parameter(trained.coef.detach().clone(), trained.coef.requires_grad)
+        if isinstance(trained.coef, nn.Parameter):
+            self.coef = nn.Parameter(trained.coef.detach().clone(), trained.coef.requires_grad)
+        else:
+            self.register_buffer("coef", trained.coef.detach().clone())
         self.bias = (None if trained.bias is None
                      else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
         offsets = torch.arange(self.o, device=self.lego.device) * self.m

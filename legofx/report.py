@@ -151,11 +151,13 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
     paper's compression and speed-up formulas per layer (LegoNet: eq. 1 and eq. 2). Given ``example_inputs`` (a tensor or a tuple of
     tensors; the model runs once, in eval mode, on a copy), also the MACs of every layer
     before/after for those inputs (a layer called twice counts twice) and of the network.
+    Layers started from trained weights show their relative reconstruction error.
     """
     records = summary(gm)
     macs = totals = None
     if example_inputs is not None:
         macs, *totals = measure_macs(gm, example_inputs)
+    with_init = any("init_error" in r.extra for r in records)
     rows = []
     for r in records:
         row = [r.name, r.status, r.where or "-", r.form, f"{r.in_channels}->{r.out_channels}",
@@ -165,11 +167,16 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
         if macs is not None:
             layer = macs[r.name]
             row += [_compact(layer.before), _compact(layer.after), _ratio(layer.before, layer.after)]
+        if with_init:
+            error = r.extra.get("init_error")
+            row.append("-" if error is None else f"{error:.3f}")
         rows.append(row + [r.reason])
     headers = ["layer", "status", "via", "form", "in->out", "kernel", "settings", "params",
                "params after", "compr. (paper)", "speed-up (paper)"]
     if macs is not None:
         headers += ["MACs", "MACs after", "MAC ratio"]
+    if with_init:
+        headers.append("init error")
     lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
     lines += coverage_lines(records, stored_meta(gm)["untraced"])
     conv_before = sum(r.params_before for r in records)

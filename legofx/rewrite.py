@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from legofx.arguments import Patterns, check_model
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
-from legofx.tracing import Scope, overrides_forward, trace_tree
+from legofx.tracing import Scope, copy_model, overrides_forward, trace_tree, unshare
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,7 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None) -> nn.
     for scope in root.walk():
         if scope.graph:
             passes.inline_modules(scope.module, _is_rewritten)
+    unshare(root.module, model)
     store_records(root.module, _merge_records(root.module, records), _untraced(root))
     return root.module
 
@@ -190,7 +190,7 @@ def fold(gm: nn.Module) -> nn.Module:
     graphs and at module level alike. Folding a folded model returns an equal copy.
     """
     stored_records(gm)  # refuses models legofx did not make
-    gm = copy.deepcopy(gm)
+    original, gm = gm, copy_model(gm, shared=_training_tensors(gm))
     for graph_module in graph_modules(gm):
         passes.collapse_regions(graph_module, _is_training_form)
     folded = {name: module.folded() for name, module in gm.named_modules()
@@ -198,6 +198,13 @@ def fold(gm: nn.Module) -> nn.Module:
     passes.swap_modules(gm, folded)
     new = {id(layer) for layer in folded.values()}
     for graph_module in graph_modules(gm):
-        graph_module.recompile()
         passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
+    unshare(gm, original)
     return gm
+
+
+def _training_tensors(model: nn.Module) -> list:
+    """The tensors of training-form layers, which ``fold`` replaces: not worth copying."""
+    return [t for m in model.modules()
+            if _is_training_form("", m) and not isinstance(m, GeneratedWeight)
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 import inspect
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from legofx.layer_base import RewrittenLayer
 
@@ -253,9 +255,12 @@ def _scope(module: nn.Module, name: str, cls: type) -> Scope:
     return scope
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, shared: Iterable[Tensor] = ()) -> nn.Module:
+    """A deep copy of ``model`` that still refers to the ``shared`` tensors (not copied, to
+    save time on tensors about to be replaced); :func:`unshare` ends the sharing."""
+    memo = {id(tensor): tensor for tensor in shared}
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as err:  # deepcopy raises anything a __deepcopy__ or __reduce__ raises
         raise TypeError(
             f"cannot copy model {type(model).__name__} ({type(err).__name__}: {err}); legofx "
@@ -263,10 +268,39 @@ def copy_model(model: nn.Module) -> nn.Module:
         ) from err
 
 
+def _reachable_modules(model: nn.Module) -> Iterator[nn.Module]:
+    for module in model.modules():
+        yield module
+        source = module.__dict__.get("_legofx_source")
+        if source is not None and source is not module:
+            yield from source.modules()
+
+
+def unshare(copied: nn.Module, original: nn.Module) -> None:
+    """Give ``copied`` its own copy of every tensor it still shares with ``original`` (tied
+    tensors stay tied)."""
+    theirs = {id(t) for t in [*original.parameters(), *original.buffers()]}
+    clones: dict[int, Tensor] = {}
+    for module in _reachable_modules(copied):
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or id(tensor) not in theirs:
+                    continue
+                if id(tensor) not in clones:
+                    clone = tensor.detach().clone()
+                    clones[id(tensor)] = (nn.Parameter(clone, tensor.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else clone)
+                store[key] = clones[id(tensor)]
+
+
 def trace_tree(model: nn.Module) -> Scope:
     """The scopes of a copy of ``model``; the original, its parameters and hooks stay untouched.
 
     The root scope's module is what ``transform`` returns: a ``GraphModule`` when the root's
-    ``forward`` traces (possibly with leaves), else the copied model itself.
+    ``forward`` traces (possibly with leaves), else the copied model itself. The copy still
+    shares the weights of convs and linear layers with ``model`` (most are about to be
+    replaced): call :func:`unshare` once the rewrite is done.
     """
-    return _scope(copy_model(model), "", fx.GraphModule)
+    weights = [m.weight for m in model.modules() if isinstance(m, REWRITABLE_TYPES)
+               and isinstance(m.weight, Tensor) and not is_lazy(m.weight)]
+    return _scope(copy_model(model, weights), "", fx.GraphModule)
