@@ -3,21 +3,29 @@
 ``transform`` (train) -> ``fold`` (deploy); ``summary`` and ``report`` say what was done.
 """
 
+from legofx.deploy import check_ops, compile, export
 from legofx.lego import transform
 from legofx.lego_layers import FoldedLegoConv2d, LegoConv2d
 from legofx.records import LayerRecord, summary
 from legofx.report import report
 from legofx.rewrite import fold
 from legofx.tracing import TraceError
+from legofx.training import balance_loss, freeze_selection, unfreeze_selection
 
 __all__ = [
     "FoldedLegoConv2d",
     "LayerRecord",
     "LegoConv2d",
     "TraceError",
+    "balance_loss",
+    "check_ops",
+    "compile",
+    "export",
     "fold",
+    "freeze_selection",
     "report",
     "summary",
     "transform",
+    "unfreeze_selection",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""``legofx export``: transform, (load trained weights,) fold, export and verify a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from legofx.cli import _size_arg
+from legofx.deploy import MismatchError, export
+from legofx.lego import transform
+from legofx.model_spec import build_model, example_input
+from legofx.records import summary
+from legofx.rewrite import fold
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    model, shape = build_model(args.model)
+    size = (args.input_size,) * 2 if args.input_size else shape[-2:]
+    shape = (args.batch, *shape[1:-2], *size)
+    gm = transform(model.eval(), o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+    if args.weights:
+        gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    folded = fold(gm.eval()).to(DTYPES[args.dtype])
+    x = example_input(shape, args.seed).to(DTYPES[args.dtype])
+    rewritten = sum(record.rewritten for record in summary(folded))
+    print(f"{args.model}: o={args.o} m={args.m}, {rewritten} of {len(summary(folded))} convs "
+          f"rewritten, folded, {args.dtype}, input {tuple(shape)}")
+    try:
+        result = export(folded, x, args.out, check=None if args.check == "none" else args.check)
+    except MismatchError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    kind = "ONNX" if result.format == "onnx" else "torch.export program"
+    print(f"wrote {result.path} ({kind}, dynamic batch)")
+    print(result)
+    print("export verified")
+    return 0
+
+
+def add_parser(commands) -> None:
+    """Add the ``export`` subcommand to the ``legofx`` parser's subparsers."""
+    sub = commands.add_parser(
+        "export", help="transform and fold a model, export it to .onnx or .pt2 and verify the file")
+    sub.add_argument("model", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
+    sub.add_argument("--out", required=True, help="output file: model.onnx or model.pt2")
+    sub.add_argument("--o", type=int, default=2, help="input-channel fragments (default 2)")
+    sub.add_argument("--m", type=_size_arg, default=0.5,
+                     help="Lego filters: a fraction of out_channels (0.5) or a count (16)")
+    sub.add_argument("--include", nargs="*", default=None, help="conv names or glob patterns")
+    sub.add_argument("--exclude", nargs="*", default=None, help="conv names or glob patterns")
+    sub.add_argument("--weights", default=None,
+                     help="state_dict of the transformed model (e.g. after training) to load "
+                          "before folding; without it the weights are random")
+    sub.add_argument("--input-size", type=int, default=None, help="spatial size of the example input")
+    sub.add_argument("--batch", type=int, default=1, help="example batch (the batch stays dynamic)")
+    sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    sub.add_argument("--check", choices=["tensorrt", "none"], default="tensorrt",
+                     help="refuse graphs with ops Torch-TensorRT does not convert (default)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.set_defaults(handler=cmd_export)

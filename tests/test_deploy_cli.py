@@ -1,0 +1,74 @@
+"""``legofx export``: the command line verifies what it wrote, and loads trained weights."""
+
+import textwrap
+
+import pytest
+import torch
+
+import legofx
+from deploy_helpers import assert_close
+from helpers import randomize_lego
+from legofx.cli import main
+
+NET = textwrap.dedent("""
+    from torch import nn
+    def build():
+        net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, padding=1))
+        net.example_input_shape = (1, 4, 12, 12)
+        return net
+""")
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(NET)
+    return f"{path}:build"
+
+
+def test_export_onnx_prints_what_was_verified(net_file, tmp_path, capsys):
+    out = tmp_path / "net.onnx"
+    assert main(["export", net_file, "--o", "2", "--m", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists()
+    assert "2 of 2 convs rewritten" in printed
+    assert "ONNX Runtime vs PyTorch (float32, batch 1, 2): max error" in printed
+    assert "Torch-TensorRT op check" in printed and "all convertible" in printed
+    assert "export verified" in printed
+
+
+def test_export_loads_trained_weights(net_file, tmp_path, capsys):
+    from legofx.model_spec import build_model
+
+    gm = legofx.transform(build_model(net_file)[0], o=2, m=4)
+    randomize_lego(gm, torch.Generator().manual_seed(3))  # "trained": not the random start
+    torch.save(gm.state_dict(), tmp_path / "trained.pt")
+    out = tmp_path / "net.pt2"
+    args = ["export", net_file, "--m", "4", "--weights", str(tmp_path / "trained.pt"),
+            "--out", str(out), "--input-size", "10", "--dtype", "float16"]
+    assert main(args) == 0
+    assert "float16" in capsys.readouterr().out
+    x = torch.randn(3, 4, 10, 10)
+    with torch.no_grad():
+        expected = legofx.fold(gm.eval())(x)
+        assert_close(torch.export.load(str(out)).module()(x.half()).float(), expected,
+                     torch.float16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "net.txt"], "must end in .pt2"),
+    (["--out", "net.onnx", "--weights", "missing.pt"], "missing.pt"),
+    (["--out", "net.onnx", "--o", "0"], "o=0"),
+])
+def test_errors_are_reported_not_raised(net_file, args, message, capsys):
+    assert main(["export", net_file, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_is_required_and_run_stays_the_default(net_file, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", net_file])
+    assert "--out" in capsys.readouterr().err
+    assert main([net_file, "--o", "1", "--m", "2"]) == 0  # no subcommand: run
+    assert "fold equivalence verified" in capsys.readouterr().out
