@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/legofx
+	$(BIN)/legofx demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

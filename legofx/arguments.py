@@ -7,6 +7,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 
@@ -107,3 +108,15 @@ class Patterns:
         if self.include is not None and not any(self.matches(p, name) for p in self.include):
             return f"not selected by include={list(self.include)!r}"
         return None
+
+
+def as_input_tuple(example_inputs, tensors_only: bool = False) -> tuple:
+    """``example_inputs`` (a tensor, or a tuple or list of a model's arguments) as a tuple;
+    ``tensors_only``: a non-empty tuple of tensors, nothing else."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and (not tensors_only or example_inputs and all(
+            isinstance(item, torch.Tensor) for item in example_inputs)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of tensors, "
+                    f"got {type(example_inputs).__name__}")

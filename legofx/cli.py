@@ -67,15 +67,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--tolerance", type=float, default=1e-5,
                      help="largest relative error of fold vs training form (float32)")
     run.set_defaults(handler=cmd_run)
+    from legofx.cli_demo import add_parser as add_demo
     from legofx.cli_export import add_parser as add_export  # it imports this module
 
+    add_demo(commands)
     add_export(commands)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "export", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "demo", "export", "-h", "--help"):
         argv = ["run", *argv]
     args = parser().parse_args(argv)
     try:

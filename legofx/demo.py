@@ -6,8 +6,8 @@ The data ship inside scikit-learn (8x8 handwritten digits, 1,797 images), upscal
 1. the dense CNN;
 2. its Lego version trained from scratch (``transform``, balance loss during a warm-up,
    then ``freeze_selection``, as the LegoNet authors train);
-3. the Lego version started from the trained dense weights (``init="weights"``) and
-   fine-tuned briefly.
+3. the Lego version started from the trained dense weights (``init="weights"``), its
+   BatchNorm statistics re-estimated (``recalibrate_batchnorm``), and fine-tuned briefly.
 
 Then a table: test accuracy, conv parameters, MACs and measured latency of each; the Lego
 models are folded, checked against their training form, and exported to ONNX (checked in
@@ -16,18 +16,18 @@ ONNX Runtime).
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from legofx.arguments import check_positive_int
 from legofx.lego import transform
 from legofx.report import measure_macs
 from legofx.rewrite import fold
-from legofx.training import balance_loss, freeze_selection
+from legofx.timing import interleaved_times, median_ms
+from legofx.training import balance_loss, freeze_selection, recalibrate_batchnorm
 
 
 def digits(size: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -66,6 +66,12 @@ class Budget:
     lr: float = 0.05
     warmup: float = 0.3    # fraction of epochs during which a Lego selection is learned
     balance: float = 1e-3  # weight of balance_loss during the warm-up
+
+    def __post_init__(self) -> None:
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch", self.batch)
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"warmup must be a fraction in [0, 1], got {self.warmup!r}")
 
 
 def _progress(iterable, description: str, quiet: bool):
@@ -137,26 +143,6 @@ def network_macs(model: nn.Module, x: torch.Tensor) -> int:
         return counter.get_total_flops() // 2
 
 
-@torch.no_grad()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 30) -> dict[str, list[float]]:
-    """Interleaved timing: each round runs every model once, in turn (after a warm-up)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.eval()
-        for _ in range(3):
-            model(x)
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ms(samples: list[float]) -> float:
-    return 1000 * statistics.median(samples)
-
-
 def run(budget: Budget | None = None, seed: int = 0, quiet: bool = False, export_dir=None) -> dict:
     """Everything the demo measures; returns the numbers (``legofx demo`` prints them)."""
     budget = budget or Budget()
@@ -170,8 +156,11 @@ def run(budget: Budget | None = None, seed: int = 0, quiet: bool = False, export
                              "warmup": 0.0})
     started = transform(dense, o=2, m=0.5, init="weights")
     start_accuracy = accuracy(started, x_test, y_test)
+    recalibrate_batchnorm(started, data[0].split(budget.batch))
+    recalibrated_accuracy = accuracy(started, x_test, y_test)
     tuned = train(started, data, tuned_budget, "Lego (from dense weights)", quiet, seed)
-    results = {"budget": budget, "tuned_budget": tuned_budget, "start_accuracy": start_accuracy}
+    results = {"budget": budget, "tuned_budget": tuned_budget, "start_accuracy": start_accuracy,
+               "recalibrated_accuracy": recalibrated_accuracy}
     folded = {"scratch": fold(scratch), "tuned": fold(tuned)}
     sample = x_test[:1]
     for name, model in {"dense": dense, "scratch": scratch, "tuned": tuned}.items():
@@ -185,7 +174,9 @@ def run(budget: Budget | None = None, seed: int = 0, quiet: bool = False, export
             with torch.no_grad():
                 ours, theirs = inference(x_test), model(x_test)
                 results[name]["fold_error"] = ((ours - theirs).norm() / theirs.norm()).item()
-    timing = latencies({"dense": dense, **folded}, x_test[:64])
+    for model in folded.values():
+        model.eval()
+    timing = interleaved_times({"dense": dense.eval(), **folded}, x_test[:64], rounds=30, warmup=3)
     for name, samples in timing.items():
         results[name]["latency_ms"] = median_ms(samples)
     if export_dir is not None:

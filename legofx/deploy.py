@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from legofx.arguments import as_input_tuple
 from legofx.layer_base import RewrittenLayer
 from legofx.onnx_runtime import OPSET, OnnxRuntimeModule, save_onnx
 from legofx.op_check import OpReport, UnsupportedOpsError, check_program, load_torch_tensorrt
@@ -76,14 +77,6 @@ def require_inference_form(model: nn.Module) -> None:
         raise ValueError("the model is in training mode: call model.eval() first")
 
 
-def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors, "
-                        f"got {type(example_inputs).__name__}")
-    return inputs
-
-
 def model_dtype(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> torch.dtype:
     """The floating-point dtype the model computes in (its first floating tensor's)."""
     for tensor in [*model.parameters(), *model.buffers(), *inputs]:
@@ -129,7 +122,8 @@ def export_program(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 def check_ops(model: nn.Module, example_inputs) -> OpReport:
     """The Torch-TensorRT op check of ``model``'s exported graph (see :mod:`legofx.op_check`)."""
     require_inference_form(model)
-    return check_program(export_program(model, _as_inputs(example_inputs), dynamic_batch=False), model)
+    inputs = as_input_tuple(example_inputs, tensors_only=True)
+    return check_program(export_program(model, inputs, dynamic_batch=False), model)
 
 
 @torch.no_grad()
@@ -164,7 +158,7 @@ def export(model: nn.Module, example_inputs, path, *, check: str | None = "tenso
     if check not in ("tensorrt", None):
         raise ValueError(f"check must be 'tensorrt' or None, got check={check!r}")
     require_inference_form(model)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_input_tuple(example_inputs, tensors_only=True)
     program = export_program(model, inputs, dynamic_batch)
     ops = check_program(program, model) if check else None
     if ops is not None and not ops.ok:
@@ -199,7 +193,7 @@ def compile(model: nn.Module, example_inputs, backend: str = "inductor", *,  # n
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got backend={backend!r}")
     require_inference_form(model)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_input_tuple(example_inputs, tensors_only=True)
     dtype = model_dtype(model, inputs)
     if backend == "inductor":
         compiled = torch.compile(model, backend="inductor", **options)
@@ -216,4 +210,5 @@ def compile(model: nn.Module, example_inputs, backend: str = "inductor", *,  # n
 
 def save_tensorrt(module: nn.Module, path, example_inputs) -> None:
     """Save a module from ``compile(..., backend="tensorrt")`` with ``torch_tensorrt.save``."""
-    load_torch_tensorrt().save(module, str(path), arg_inputs=list(_as_inputs(example_inputs)))
+    inputs = as_input_tuple(example_inputs, tensors_only=True)
+    load_torch_tensorrt().save(module, str(path), arg_inputs=list(inputs))

@@ -36,5 +36,12 @@ class RewrittenLayer(nn.Module):
     def folded(self) -> RewrittenLayer:
         raise NotImplementedError
 
+    def lowerings(self, **options) -> dict:
+        """The inference forms this layer can fold into: name -> zero-argument builder, the
+        default first (``fold(gm, strategy=name)`` picks one; ``"auto"`` times them all).
+        ``options`` are the settings ``fold`` passes (``index_dtype``); a layer ignores those
+        it has no use for."""
+        return {"default": self.folded}
+
     def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
         raise NotImplementedError

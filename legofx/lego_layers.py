@@ -232,18 +232,31 @@ class LegoConv2d(_LegoLayer):
     def folded(self) -> FoldedLegoConv2d:
         return FoldedLegoConv2d(self)
 
+    def lowerings(self, index_dtype: torch.dtype | str = torch.int64, **options) -> dict:
+        """``"gather"`` (:class:`FoldedLegoConv2d`, the default) and ``"dense"`` (see
+        :mod:`legofx.lego_lowering`); ``index_dtype``: the gather index's dtype, or
+        ``"smallest"``."""
+        from legofx.lego_lowering import ReconstructedLegoConv2d, check_index_dtype
+
+        index_dtype = check_index_dtype(index_dtype, self.o * self.m - 1)
+        return {"gather": lambda: FoldedLegoConv2d(self, index_dtype),
+                "dense": lambda: ReconstructedLegoConv2d(self)}
+
 
 class FoldedLegoConv2d(_LegoLayer):
-    """Inference form: ``lego``, ``coef``, ``bias`` and the constant int64 ``index`` buffer.
+    """Inference form: ``lego``, ``coef``, ``bias`` and the constant ``index`` buffer.
 
     ``index[j*o + i] = i*m + k(j, i)`` picks, for output channel ``j`` and fragment ``i``,
-    one of the ``o*m`` Lego feature maps.
+    one of the ``o*m`` Lego feature maps. It is int64 unless ``index_dtype`` says otherwise
+    (``fold(gm, index_dtype="smallest")`` stores ``uint8`` when ``o*m <= 256``, for the
+    smallest file); a dtype ``index_select`` does not take (int8/uint8/int16) is cast to int64
+    in the graph, one small op per call.
     """
 
     form = "folded"
     lowering = "gather (index_select, mul, sum)"
 
-    def __init__(self, trained: LegoConv2d) -> None:
+    def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64) -> None:
         super().__init__(trained.geometry, trained.o, trained.m)
         self.train(trained.training)
         self.lego = nn.Parameter(trained.lego.detach().clone(), trained.lego.requires_grad)
@@ -254,17 +267,21 @@ class FoldedLegoConv2d(_LegoLayer):
         self.bias = (None if trained.bias is None
                      else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
         offsets = torch.arange(self.o, device=self.lego.device) * self.m
-        self.register_buffer("index", (trained.selection() + offsets).flatten())
+        index = (trained.selection() + offsets).flatten()
+        self.register_buffer("index", index.to(index_dtype))
 
     def compute(self, x, attr, stage):
         maps = self._maps(x, attr, stage)
         with stage("merge"):
-            return merge_gathered(maps, attr("index"), attr("coef"), attr("bias"),
+            index = attr("index")
+            if self.index.dtype not in (torch.int32, torch.int64):
+                index = index.long()
+            return merge_gathered(maps, index, attr("coef"), attr("bias"),
                                   self.out_channels, self.o)
 
     def selection(self) -> Tensor:
         offsets = torch.arange(self.o, device=self.index.device) * self.m
-        return self.index.view(self.out_channels, self.o) - offsets
+        return self.index.long().view(self.out_channels, self.o) - offsets
 
     def folded(self) -> FoldedLegoConv2d:
         return self

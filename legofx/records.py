@@ -124,5 +124,6 @@ def summary(gm: nn.Module) -> list[LayerRecord]:
         if record.rewritten:
             layer = gm.get_submodule(record.name)
             record.form, record.lowering = layer.form, layer.lowering
+            record.params_after = layer.params_after
         result.append(record)
     return result

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import passes
+from legofx.arguments import as_input_tuple
 from legofx.layer_base import RewrittenLayer
 from legofx.records import LayerRecord, stored_meta, summary
 from legofx.rewrite import graph_modules
@@ -24,16 +25,6 @@ class LayerMacs:
     before: int = 0
     after: int = 0
     counted: int = 0  # what FlopCounterMode sees inside the layer, to take out of the total
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
 
 
 def dense_macs(module: nn.Module, output_shape: torch.Size) -> int:
@@ -59,7 +50,7 @@ def measure_macs(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, LayerMac
     each layer's theory (:meth:`RewrittenLayer.macs`); the network's total is ``FlopCounterMode``'s
     count (convs, matmuls) with each rewritten layer's own count replaced by its theory.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     records = {r.name: r for r in summary(gm)}
     work = copy.deepcopy(gm).eval()
     for graph_module in graph_modules(work):

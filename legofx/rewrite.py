@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 import passes
-from legofx.arguments import Patterns, check_model
+from legofx.arguments import Patterns, as_input_tuple, check_model
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
+from legofx.lego_lowering import check_index_dtype
+from legofx.lowering import check_strategy, layer_inputs, lower
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
 from legofx.tracing import Scope, copy_model, overrides_forward, trace_tree, unshare
 
@@ -182,19 +185,41 @@ def graph_modules(model: nn.Module) -> list[fx.GraphModule]:
     return [module for module in model.modules() if isinstance(module, fx.GraphModule)]
 
 
-def fold(gm: nn.Module) -> nn.Module:
+def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
+         index_dtype: torch.dtype | str = torch.int64) -> nn.Module:
     """The inference form of a transformed model; ``gm`` itself is not modified.
 
     Each training-form layer is replaced by its folded form (for LegoNet: the argmax of every
-    proxy becomes a constant int64 index, the merge ``index_select`` + multiply + sum), in the
+    proxy becomes a constant index, the merge ``index_select`` + multiply + sum), in the
     graphs and at module level alike. Folding a folded model returns an equal copy.
+
+    Args:
+        strategy: how each layer computes (see :mod:`legofx.lowering`): ``None`` is each
+            layer's default (Lego: ``"gather"``); ``"dense"`` (Lego) runs the reconstructed
+            dense weight as one conv; ``"auto"`` times every lowering of each layer on its
+            input from ``example_inputs`` (required) and keeps the fastest. ``summary`` and
+            ``report`` show the lowering of every layer.
+        example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
+        index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
+            dtype that holds ``o*m - 1``, or ``"smallest"`` (uint8 when ``o*m <= 256``).
     """
     stored_records(gm)  # refuses models legofx did not make
+    if strategy == "auto" and example_inputs is None:
+        raise ValueError("strategy='auto' times each layer on its real input: pass "
+                         "example_inputs (a tensor or a tuple of tensors the model takes)")
+    if index_dtype != "smallest":
+        check_index_dtype(index_dtype, 0)
     original, gm = gm, copy_model(gm, shared=_training_tensors(gm))
     for graph_module in graph_modules(gm):
         passes.collapse_regions(graph_module, _is_training_form)
-    folded = {name: module.folded() for name, module in gm.named_modules()
-              if _is_training_form(name, module)}
+    training = {name: module for name, module in gm.named_modules()
+                if _is_training_form(name, module)}
+    options = {"index_dtype": index_dtype}
+    check_strategy(strategy, training, options)
+    inputs = ({} if strategy != "auto"
+              else layer_inputs(gm, training, as_input_tuple(example_inputs)))
+    folded = {name: lower(module, strategy, inputs.get(name), options)
+              for name, module in training.items()}
     passes.swap_modules(gm, folded)
     new = {id(layer) for layer in folded.values()}
     for graph_module in graph_modules(gm):

@@ -87,3 +87,33 @@ def unfreeze_selection(model: nn.Module) -> int:
     for layer in layers:
         layer.unfreeze()
     return len(layers)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (an iterable of input
+    tensors or argument tuples); returns how many BatchNorm layers were reset.
+
+    Use it after ``transform(model, init="weights")``: the reconstructed filters are close to
+    the trained ones but not equal, and the trained statistics no longer match what they
+    produce. Nothing is learned (no gradients); the model's training flag is restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    modes = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over all batches
+            norm.train()
+        for batch in batches:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+    return len(norms)

@@ -118,3 +118,18 @@ def test_without_coefficients_coef_is_a_constant_buffer():
 def test_bad_training_arguments(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         legofx.transform(net(), **kwargs)
+
+
+def test_recalibrate_batchnorm_re_estimates_statistics_and_restores_the_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, momentum=0.3), nn.ReLU())
+    gm = legofx.transform(net, o=2, m=3, init="weights").eval()
+    batches = [torch.randn(5, 4, 7, 7, dtype=torch.float64) for _ in range(3)]
+    gm.double()
+    assert legofx.recalibrate_batchnorm(gm, batches) == 1
+    norm = gm.get_submodule("1")
+    with torch.no_grad():
+        features = torch.cat([gm.get_submodule("0")(x) for x in batches])
+    assert torch.allclose(norm.running_mean, features.mean((0, 2, 3)), rtol=0, atol=1e-12)
+    assert norm.momentum == 0.3 and not norm.training and not gm.training
+    assert legofx.recalibrate_batchnorm(nn.Sequential(nn.ReLU()), batches) == 0

@@ -1,0 +1,188 @@
+"""Latency of folded Lego models vs the originals, on the same backend, beside the MAC theory.
+
+    python benchmarks/speed.py                       # resnet18 b8, vgg16 b4, resnet50 b8, mobilenet_v2 b8
+    python benchmarks/speed.py --models resnet18 --backends eager onnxruntime --rounds 5
+    python benchmarks/speed.py --sweep               # speed-up vs m for o in {1, 2, 4} (resnet18)
+
+For each torchvision model (random weights, 224x224, float32, CPU) the original, the folded
+Lego model (o=2, m=0.5) with every layer lowered as ``gather`` and the one folded with
+``strategy="auto"`` (per layer, the faster of gather and dense in eager mode) run on each
+backend: eager PyTorch, ``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the
+models go through ``legofx.compile``). Timings are interleaved: every round runs every
+variant once, in turn, after warm-up; medians with min-max. ``theory`` is the network's MAC
+ratio original / Lego (Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
+``measured / theory`` is the speed-up divided by it. ``peak MB`` is the growth of the
+process's peak resident memory during one eager forward (``/proc/self/clear_refs``).
+Results: ``results/speed.json`` (and ``results/speed_sweep.png`` with ``--sweep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import legofx
+from legofx.report import measure_macs
+from legofx.timing import interleaved_times
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
+
+
+def build(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def peak_growth_mb(model: torch.nn.Module, x: torch.Tensor) -> float | None:
+    """Peak RSS growth of one forward pass (Linux only; ``None`` elsewhere)."""
+    def status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    try:
+        with torch.no_grad():
+            model(x)  # allocator and kernels warmed up
+            Path("/proc/self/clear_refs").write_text("5")
+            before = status("VmRSS:")
+            model(x)
+            return (status("VmHWM:") - before) / 1024
+    except OSError:
+        return None
+
+
+def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
+    original = build(name)
+    gm = legofx.transform(original, o=o, m=m).eval()
+    gather = legofx.fold(gm)
+    auto = legofx.fold(gm, "auto", example_inputs=x[:1])
+    _, before, after = measure_macs(gather, x[:1])
+    _, _, after_auto = measure_macs(auto, x[:1])
+    dense = sum(r.lowering.startswith("dense") for r in legofx.summary(auto))
+    info = {"macs": before, "theory": before / after, "theory_auto": before / after_auto,
+            "dense_layers": dense, "rewritten": sum(r.rewritten for r in legofx.summary(auto)),
+            "layers": [{"name": r.name, "lowering": r.lowering} for r in legofx.summary(auto)
+                       if r.rewritten]}
+    return {"original": original, "lego gather": gather, "lego auto": auto}, info
+
+
+def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
+    if backend == "eager":
+        return models
+    return {name: legofx.compile(model, x, backend=backend) for name, model in models.items()}
+
+
+def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
+    x = torch.randn(BATCH.get(name, 8), 3, 224, 224)
+    models, info = variants(name, o, m, x)
+    rows = []
+    for backend in backends:
+        compiled = on_backend(models, backend, x)
+        times = interleaved_times(compiled, x, rounds=rounds, warmup=2)
+        base = statistics.median(times["original"])
+        for variant, samples in times.items():
+            median = statistics.median(samples)
+            theory = 1.0 if variant == "original" else (
+                info["theory"] if variant == "lego gather" else info["theory_auto"])
+            rows.append({
+                "model": name, "batch": x.shape[0], "backend": backend, "variant": variant,
+                "median_ms": 1000 * median, "min_ms": 1000 * min(samples),
+                "max_ms": 1000 * max(samples), "speedup": base / median, "theory": theory,
+                "lego_theory": info["theory"], "measured_over_theory": base / median / info["theory"],
+                "peak_mb": peak_growth_mb(models[variant], x) if backend == "eager" else None,
+                "dense_layers": 0 if variant != "lego auto" else info["dense_layers"],
+                "rewritten": info["rewritten"], "rounds": rounds,
+            })
+        print(table([r for r in rows if r["backend"] == backend]), flush=True)
+    rows.append({"model": name, "layers": info["layers"]})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    body = [[r["model"], r["batch"], r["backend"], r["variant"], f"{r['median_ms']:.1f}",
+             f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['speedup']:.2f}x",
+             f"{r['lego_theory']:.2f}x", f"{r['measured_over_theory']:.2f}",
+             "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
+             "" if r["variant"] != "lego auto" else f"{r['dense_layers']}/{r['rewritten']}"]
+            for r in rows if "variant" in r]
+    return tabulate(body, ["model", "batch", "backend", "variant", "median ms", "min-max ms",
+                           "speed-up", "theory", "meas./theory", "peak MB", "dense layers"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def sweep(rounds: int, backends: list[str], out: Path) -> list[dict]:
+    """Speed-up of the gather-folded resnet18 (batch 8) vs m for o in {1, 2, 4}."""
+    x = torch.randn(8, 3, 224, 224)
+    original = build("resnet18")
+    rows = []
+    for o in (1, 2, 4):
+        for m in (0.125, 0.25, 0.5):
+            folded = legofx.fold(legofx.transform(original, o=o, m=m).eval())
+            _, before, after = measure_macs(folded, x[:1])
+            for backend in backends:
+                pair = on_backend({"original": original, "lego": folded}, backend, x)
+                times = interleaved_times(pair, x, rounds=rounds, warmup=2)
+                speedup = statistics.median(times["original"]) / statistics.median(times["lego"])
+                rows.append({"o": o, "m": m, "backend": backend, "speedup": speedup,
+                             "theory": before / after})
+                print(f"o={o} m={m} {backend}: {speedup:.2f}x (theory {before / after:.2f}x)", flush=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
+    for axis, backend in zip(axes[0], backends):
+        for o, color in zip((1, 2, 4), ("tab:blue", "tab:orange", "tab:green")):
+            points = [r for r in rows if r["o"] == o and r["backend"] == backend]
+            axis.plot([r["m"] for r in points], [r["speedup"] for r in points], "o-", color=color,
+                      label=f"o={o} measured")
+            axis.plot([r["m"] for r in points], [r["theory"] for r in points], "--", color=color,
+                      alpha=0.6, label=f"o={o} MAC theory")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("m (fraction of out_channels)")
+        axis.set_title(f"resnet18 b8, {backend}")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speed-up vs original (same backend)")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "speed_sweep.png", dpi=110)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(BATCH))
+    parser.add_argument("--backends", nargs="+", default=["eager", "inductor", "onnxruntime"],
+                        choices=["eager", "inductor", "onnxruntime"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sweep", action="store_true", help="speed-up vs m for o in {1, 2, 4}")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds}
+    if args.sweep:
+        rows = sweep(args.rounds, [b for b in args.backends if b != "inductor"], args.out)
+        (args.out / "speed_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        return 0
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args.backends, args.rounds)
+    print("\n" + table(rows))
+    (args.out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

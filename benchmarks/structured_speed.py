@@ -1,0 +1,135 @@
+"""Eager CPU latency of Structured Convolutions vs LegoNet vs the original network.
+
+    python benchmarks/structured_speed.py              # resnet18 and mobilenet_v2, batch 1 and 8
+    python benchmarks/structured_speed.py --reps 30 --threads 2
+
+Per torchvision model (random weights, eval mode, float32, 3x224x224 inputs):
+
+- ``original``;
+- ``structured``: ``legofx.structure(c=0.5, n=...)`` then ``legofx.fold`` (pad + 3-D sum-pool
+  as a conv3d with an all-ones kernel + small conv). resnet18 uses ``n=2`` (its 3x3 convs
+  get 2x2 underlying kernels, the paper's ResNet setting); mobilenet_v2 uses ``n=1``: its
+  only dense convs are 1x1 (the 3x3 ones are depthwise, which legofx keeps), so ``n=2`` would
+  touch nothing but the stem; ``n=1`` structures the 1x1 convs along channels (the paper's
+  Structured-MobileNetV2 does the same);
+- ``lego``: ``legofx.transform(o=2, m=0.5)`` then ``legofx.fold``.
+
+Latency: ``--reps`` repetitions; each runs every variant once, in turn (interleaved, so drift
+of the machine hits all variants alike), after warm-up; the median is reported, with the ratio
+to the original's median. Parameters are the folded model's parameters; MACs come from
+``legofx.report.measure_macs`` (rewritten layers: the method's theory, for structured layers
+the sum-pool's additions counted as MACs; the rest: ``FlopCounterMode``). The folded models are
+checked against their training forms. Results go to ``benchmarks/results/structured_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
+
+import legofx
+from legofx.report import measure_macs
+
+RESULTS = Path(__file__).parent / "results" / "structured_speed.json"
+STRUCTURE_N = {"resnet18": 2, "mobilenet_v2": 1}
+
+
+def dense_macs(model, x) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def variants(name: str, x: torch.Tensor) -> dict[str, dict]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    n = STRUCTURE_N[name]
+    out = {"original": {"model": model, "setting": "-", "macs": dense_macs(model, x),
+                        "rewritten": 0, "fold_error": 0.0}}
+    for label, setting, gm in (
+        ("structured", f"c=0.5 n={n}", legofx.structure(model, c=0.5, n=n, init="random")),
+        ("lego", "o=2 m=0.5", legofx.transform(model, o=2, m=0.5)),
+    ):
+        gm = gm.eval()
+        folded = legofx.fold(gm)
+        with torch.no_grad():
+            reference, result = gm(x), folded(x)
+        error = ((result - reference).norm() / reference.norm()).item()
+        out[label] = {"model": folded, "setting": setting, "macs": measure_macs(folded, x)[2],
+                      "rewritten": sum(r.rewritten for r in legofx.summary(folded)),
+                      "fold_error": error}
+    for entry in out.values():
+        entry["params"] = sum(p.numel() for p in entry["model"].parameters())
+    return out
+
+
+@torch.no_grad()
+def latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int, warmup: int
+              ) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for model in models.values():
+            model(x)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(reps):
+        for label, model in models.items():
+            start = time.perf_counter()
+            model(x)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(STRUCTURE_N))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, results = [], []
+    for name in args.models:
+        for batch in args.batches:
+            x = torch.randn(batch, 3, 224, 224)
+            entries = variants(name, x)
+            models = {label: entry["model"] for label, entry in entries.items()}
+            times = latencies(models, x, args.reps, args.warmup)
+            base = statistics.median(times["original"])
+            for label, entry in entries.items():
+                median = statistics.median(times[label])
+                result = {key: value for key, value in entry.items() if key != "model"}
+                result.update(model=name, batch=batch, variant=label, median_ms=median * 1e3,
+                              times_ms=[t * 1e3 for t in times[label]],
+                              ratio_vs_original=median / base)
+                results.append(result)
+                rows.append([name, batch, label, entry["setting"], entry["rewritten"],
+                             f"{entry['params'] / 1e6:.2f}M", f"{entry['macs'] / 1e9:.3f}G",
+                             f"{median * 1e3:.1f}", f"{median / base:.2f}x",
+                             f"{entry['fold_error']:.1e}"])
+            print(tabulate(rows[-len(entries):], tablefmt="plain"), flush=True)
+    headers = ["model", "batch", "variant", "setting", "rewritten", "params", "MACs",
+               "median ms", "latency vs original", "fold error"]
+    print()
+    print(tabulate(rows, headers, tablefmt="github"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps,
+            "warmup": args.warmup, "machine": platform.machine(), "processor": platform.processor(),
+            "input": "Bx3x224x224 float32, eval mode, CPU eager"}
+    meta["load_average"] = os.getloadavg()  # other processes skew latencies: check this
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\nsaved {args.out} (load average {meta['load_average'][0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

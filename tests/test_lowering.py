@@ -1,0 +1,83 @@
+"""fold's lowerings: every strategy computes the training form's function."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import legofx
+from helpers import randomize_lego, relative_error, tolerance
+from legofx.lego_layers import FoldedLegoConv2d
+from legofx.lego_lowering import ReconstructedLegoConv2d, smallest_index_dtype
+from strategies import conv_cases, networks
+
+
+def transformed(case, seed=0):
+    gm = legofx.transform(nn.Sequential(case.conv), o=case.o, m=case.m)
+    randomize_lego(gm, torch.Generator().manual_seed(seed))
+    return gm.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(data=st.data(), strategy=st.sampled_from(["gather", "dense", "auto"]),
+       index_dtype=st.sampled_from([torch.int64, torch.int32, "smallest"]))
+def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dtype):
+    case = data.draw(conv_cases(dtype=dtype))
+    gm = transformed(case)
+    folded = legofx.fold(gm, strategy, example_inputs=case.x, index_dtype=index_dtype)
+    layer = folded.get_submodule("0")
+    assert isinstance(layer, (FoldedLegoConv2d, ReconstructedLegoConv2d))
+    if strategy != "auto":
+        assert isinstance(layer, FoldedLegoConv2d if strategy == "gather" else ReconstructedLegoConv2d)
+    with torch.no_grad():
+        assert relative_error(folded(case.x), gm(case.x)) <= tolerance(dtype)
+        assert torch.equal(layer(case.x), folded(case.x))  # eager module == inlined graph
+    assert legofx.summary(folded)[0].lowering == layer.lowering
+
+
+@settings(max_examples=10)
+@given(net_x=networks(data_dependent=False), strategy=st.sampled_from(["dense", "auto"]))
+def test_whole_networks_fold_under_every_strategy(net_x, strategy):
+    net, x = net_x
+    gm = legofx.transform(net, o=2, m=2).eval()
+    folded = legofx.fold(gm, strategy, example_inputs=x)
+    with torch.no_grad():
+        assert relative_error(folded(x), gm(x)) <= tolerance(torch.float64)
+
+
+def test_dense_lowering_stores_the_dense_weight_and_summary_says_so():
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4)
+    folded = legofx.fold(gm, "dense")
+    record, = legofx.summary(folded)
+    assert record.lowering.startswith("dense") and record.params_after == 16 * 8 * 9 + 16
+    assert legofx.summary(legofx.fold(gm))[0].params_after == 4 * 4 * 9 + 16 * 2 + 16
+    assert not [n for n in folded.graph.nodes if n.target == "index_select"]
+
+
+def test_auto_records_its_timings():
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4)
+    record, = legofx.summary(legofx.fold(gm, "auto", example_inputs=torch.randn(2, 8, 10, 10)))
+    assert "[auto: gather" in record.lowering and "dense" in record.lowering
+
+
+def test_smallest_index_dtype():
+    assert smallest_index_dtype(255) == torch.uint8
+    assert smallest_index_dtype(256) == torch.int16
+    assert smallest_index_dtype(40000) == torch.int32
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4)
+    folded = legofx.fold(gm, index_dtype="smallest")
+    assert folded.get_submodule("0").index.dtype == torch.uint8
+
+
+def test_bad_fold_arguments_name_themselves():
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4)
+    with pytest.raises(ValueError, match="strategy='fast'"):
+        legofx.fold(gm, "fast")
+    with pytest.raises(ValueError, match="example_inputs"):
+        legofx.fold(gm, "auto")
+    with pytest.raises(TypeError, match="index_dtype=torch.float16"):
+        legofx.fold(gm, index_dtype=torch.float16)
+    with pytest.raises(ValueError, match="index_dtype=torch.uint8 cannot hold index 511"):
+        legofx.fold(legofx.transform(nn.Sequential(nn.Conv2d(8, 256, 1)), o=2, m=1.0),
+                    index_dtype=torch.uint8)
