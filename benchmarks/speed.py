@@ -6,14 +6,16 @@
 
 For each torchvision model (random weights, 224x224, float32, CPU) the original, the folded
 Lego model (o=2, m=0.5) with every layer lowered as ``gather`` and the one folded with
-``strategy="auto"`` (per layer, the faster of gather and dense in eager mode) run on each
+``strategy="auto"`` (per layer, the fastest of gather, merge-conv and dense in eager mode on
+the benchmark's own input) and the one lowered as ``merge-conv`` everywhere run on each
 backend: eager PyTorch, ``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the
 models go through ``legofx.compile``). Timings are interleaved: every round runs every
 variant once, in turn, after warm-up; medians with min-max. ``theory`` is the network's MAC
 ratio original / Lego (Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
-``measured / theory`` is the speed-up divided by it. ``peak MB`` is the growth of the
-process's peak resident memory during one eager forward (``/proc/self/clear_refs``).
-Results: ``results/speed.json`` (and ``results/speed_sweep.png`` with ``--sweep``).
+``measured / theory`` is the speed-up divided by it. ``--memory`` measures instead the
+growth of the process's peak resident memory during one eager forward (see
+:func:`peak_growth_mb`). Results: ``results/speed.json``, ``results/speed_memory.json``,
+``results/speed_sweep.json`` and ``results/speed_sweep.png`` (``--sweep``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ def build(name: str) -> torch.nn.Module:
 
 
 def peak_growth_mb(model: torch.nn.Module, x: torch.Tensor) -> float | None:
-    """Peak RSS growth of one forward pass (Linux only; ``None`` elsewhere)."""
+    """Growth of the process's peak resident memory during one forward pass (Linux).
+
+    Run with :func:`exact_rss` in effect (``--memory``): then every tensor of 64 KiB or more
+    is its own mapping, returned to the system when freed, so resident memory follows the live
+    tensors instead of what the allocator keeps for reuse."""
     def status(key: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key):
@@ -52,7 +58,7 @@ def peak_growth_mb(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 
     try:
         with torch.no_grad():
-            model(x)  # allocator and kernels warmed up
+            model(x)  # kernels and caches warmed up
             Path("/proc/self/clear_refs").write_text("5")
             before = status("VmRSS:")
             model(x)
@@ -61,19 +67,71 @@ def peak_growth_mb(model: torch.nn.Module, x: torch.Tensor) -> float | None:
         return None
 
 
+def exact_rss() -> None:
+    """glibc: a fixed 64 KiB mmap threshold (``M_MMAP_THRESHOLD``), no heap reuse of tensors."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+
+
+def memory(names: list[str], o: int = 2, m: float = 0.5) -> list[dict]:
+    exact_rss()
+    rows = []
+    for name in names:
+        x = torch.randn(BATCH.get(name, 8), 3, 224, 224)
+        models, _ = variants(name, o, m, x)
+        models["lego gather, uint8 index"] = legofx.fold(
+            legofx.transform(models["original"], o=o, m=m).eval(), index_dtype="smallest")
+        peaks = {variant: peak_growth_mb(model, x) for variant, model in models.items()}
+        sizes = {variant: file_mb(model) for variant, model in models.items()}
+        rows += [{"model": name, "batch": x.shape[0], "variant": variant, "peak_mb": peak,
+                  "ratio": peak / peaks["original"], "file_mb": sizes[variant],
+                  "file_ratio": sizes["original"] / sizes[variant],
+                  "formula_mb": formula_mb(models[variant])}
+                 for variant, peak in peaks.items()]
+    print(tabulate([[r["model"], r["batch"], r["variant"], f"{r['peak_mb']:.0f}",
+                     f"{r['ratio']:.2f}", f"{r['file_mb']:.2f}", f"{r['file_ratio']:.2f}x",
+                     f"{r['formula_mb']:.2f}"] for r in rows],
+                   ["model", "batch", "variant", "peak MB (one forward)", "vs original",
+                    "state_dict MB", "smaller", "tensor bytes MB"], tablefmt="github"))
+    return rows
+
+
+def file_mb(model: torch.nn.Module) -> float:
+    """Size of ``torch.save(model.state_dict())``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+def formula_mb(model: torch.nn.Module) -> float:
+    """What the model must store: every tensor at its own width. For a folded Lego model
+    that is the Lego filters, coefficients and one index entry per (output channel, fragment)
+    (the paper's eq. 1 counts M as n*o*m bits; an index needs only log2(o*m) bits)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
     original = build(name)
     gm = legofx.transform(original, o=o, m=m).eval()
     gather = legofx.fold(gm)
-    auto = legofx.fold(gm, "auto", example_inputs=x[:1])
+    merge_conv = legofx.fold(gm, "merge-conv")
+    auto = legofx.fold(gm, "auto", example_inputs=x)
     _, before, after = measure_macs(gather, x[:1])
     _, _, after_auto = measure_macs(auto, x[:1])
-    dense = sum(r.lowering.startswith("dense") for r in legofx.summary(auto))
+    _, _, after_merge = measure_macs(merge_conv, x[:1])
+    chosen = [r.lowering.split(" ")[0] for r in legofx.summary(auto) if r.rewritten]
+    dense = "/".join(str(chosen.count(kind)) for kind in ("gather", "merge-conv", "dense"))
     info = {"macs": before, "theory": before / after, "theory_auto": before / after_auto,
-            "dense_layers": dense, "rewritten": sum(r.rewritten for r in legofx.summary(auto)),
+            "theory_merge_conv": before / after_merge,
+            "auto_choices": dense, "rewritten": sum(r.rewritten for r in legofx.summary(auto)),
             "layers": [{"name": r.name, "lowering": r.lowering} for r in legofx.summary(auto)
                        if r.rewritten]}
-    return {"original": original, "lego gather": gather, "lego auto": auto}, info
+    return {"original": original, "lego gather": gather, "lego merge-conv": merge_conv,
+            "lego auto": auto}, info
 
 
 def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
@@ -92,15 +150,15 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
         base = statistics.median(times["original"])
         for variant, samples in times.items():
             median = statistics.median(samples)
-            theory = 1.0 if variant == "original" else (
-                info["theory"] if variant == "lego gather" else info["theory_auto"])
+            theory = {"original": 1.0, "lego gather": info["theory"],
+                      "lego merge-conv": info["theory_merge_conv"],
+                      "lego auto": info["theory_auto"]}[variant]
             rows.append({
                 "model": name, "batch": x.shape[0], "backend": backend, "variant": variant,
                 "median_ms": 1000 * median, "min_ms": 1000 * min(samples),
                 "max_ms": 1000 * max(samples), "speedup": base / median, "theory": theory,
                 "lego_theory": info["theory"], "measured_over_theory": base / median / info["theory"],
-                "peak_mb": peak_growth_mb(models[variant], x) if backend == "eager" else None,
-                "dense_layers": 0 if variant != "lego auto" else info["dense_layers"],
+                "auto_choices": "" if variant != "lego auto" else info["auto_choices"],
                 "rewritten": info["rewritten"], "rounds": rounds,
             })
         print(table([r for r in rows if r["backend"] == backend]), flush=True)
@@ -111,12 +169,13 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
 def table(rows: list[dict]) -> str:
     body = [[r["model"], r["batch"], r["backend"], r["variant"], f"{r['median_ms']:.1f}",
              f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['speedup']:.2f}x",
-             f"{r['lego_theory']:.2f}x", f"{r['measured_over_theory']:.2f}",
-             "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}",
-             "" if r["variant"] != "lego auto" else f"{r['dense_layers']}/{r['rewritten']}"]
+             *(["", ""] if r["variant"] == "original" else
+               [f"{r['lego_theory']:.2f}x", f"{r['measured_over_theory']:.2f}"]),
+             r["auto_choices"]]
             for r in rows if "variant" in r]
     return tabulate(body, ["model", "batch", "backend", "variant", "median ms", "min-max ms",
-                           "speed-up", "theory", "meas./theory", "peak MB", "dense layers"],
+                           "speed-up", "theory", "meas./theory",
+                           "auto: gather/merge-conv/dense"],
                     tablefmt="github", disable_numparse=True)
 
 
@@ -168,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["eager", "inductor", "onnxruntime"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sweep", action="store_true", help="speed-up vs m for o in {1, 2, 4}")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory of one eager forward instead of latency")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds}
+    if args.memory:
+        rows = memory(args.models)
+        (args.out / "speed_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        return 0
     if args.sweep:
         rows = sweep(args.rounds, [b for b in args.backends if b != "inductor"], args.out)
         (args.out / "speed_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))

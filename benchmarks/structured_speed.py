@@ -7,12 +7,14 @@ Per torchvision model (random weights, eval mode, float32, 3x224x224 inputs):
 
 - ``original``;
 - ``structured``: ``legofx.structure(c=0.5, n=...)`` then ``legofx.fold`` (pad + 3-D sum-pool
-  as a conv3d with an all-ones kernel + small conv). resnet18 uses ``n=2`` (its 3x3 convs
+  as a channel running sum and a depthwise all-ones conv + small conv). resnet18 uses ``n=2`` (its 3x3 convs
   get 2x2 underlying kernels, the paper's ResNet setting); mobilenet_v2 uses ``n=1``: its
   only dense convs are 1x1 (the 3x3 ones are depthwise, which legofx keeps), so ``n=2`` would
   touch nothing but the stem; ``n=1`` structures the 1x1 convs along channels (the paper's
   Structured-MobileNetV2 does the same);
-- ``lego``: ``legofx.transform(o=2, m=0.5)`` then ``legofx.fold``.
+- ``lego``: ``legofx.transform(o=2, m=0.5)`` then ``legofx.fold``;
+- ``... auto``: the same folded with ``strategy="auto"`` (per layer, the faster of the
+  method's lowering and the dense reconstructed conv, timed in eager mode on this machine).
 
 Latency: ``--reps`` repetitions; each runs every variant once, in turn (interleaved, so drift
 of the machine hits all variants alike), after warm-up; the median is reported, with the ratio
@@ -29,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import legofx
 from legofx.report import measure_macs
+from legofx.timing import interleaved_times
 
 RESULTS = Path(__file__).parent / "results" / "structured_speed.json"
 STRUCTURE_N = {"resnet18": 2, "mobilenet_v2": 1}
@@ -61,31 +63,19 @@ def variants(name: str, x: torch.Tensor) -> dict[str, dict]:
         ("lego", "o=2 m=0.5", legofx.transform(model, o=2, m=0.5)),
     ):
         gm = gm.eval()
-        folded = legofx.fold(gm)
-        with torch.no_grad():
-            reference, result = gm(x), folded(x)
-        error = ((result - reference).norm() / reference.norm()).item()
-        out[label] = {"model": folded, "setting": setting, "macs": measure_macs(folded, x)[2],
-                      "rewritten": sum(r.rewritten for r in legofx.summary(folded)),
-                      "fold_error": error}
+        for strategy in (None, "auto"):
+            folded = legofx.fold(gm, strategy, example_inputs=x)
+            with torch.no_grad():
+                reference, result = gm(x), folded(x)
+            error = ((result - reference).norm() / reference.norm()).item()
+            records = [r for r in legofx.summary(folded) if r.rewritten]
+            out[label + (" auto" if strategy else "")] = {
+                "model": folded, "setting": setting, "macs": measure_macs(folded, x)[2],
+                "rewritten": len(records), "fold_error": error,
+                "dense_layers": sum(r.lowering.startswith("dense") for r in records)}
     for entry in out.values():
         entry["params"] = sum(p.numel() for p in entry["model"].parameters())
     return out
-
-
-@torch.no_grad()
-def latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int, warmup: int
-              ) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for model in models.values():
-            model(x)
-    times: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(reps):
-        for label, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[label].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -104,7 +94,7 @@ def main() -> None:
             x = torch.randn(batch, 3, 224, 224)
             entries = variants(name, x)
             models = {label: entry["model"] for label, entry in entries.items()}
-            times = latencies(models, x, args.reps, args.warmup)
+            times = interleaved_times(models, x, rounds=args.reps, warmup=args.warmup)
             base = statistics.median(times["original"])
             for label, entry in entries.items():
                 median = statistics.median(times[label])

@@ -50,7 +50,7 @@ INPUT_NOTES = {
     "detection": "2 images of 3x320x320 (min_size=max_size=320 for the R-CNNs, RetinaNet, FCOS)",
     "segmentation": "2x3x224x224 (default 520 is slow on 2 cores)",
     "optical_flow": "2 image pairs of 3x128x128",
-    "video": "1x3x16x112x112 (MViT and Swin3D: 1x3x16x224x224)",
+    "video": "1x3x16x112x112 (MViT, Swin3D and S3D: 1x3x16x224x224)",
 }
 
 
@@ -140,7 +140,8 @@ def _targets(batch: int, size: int, name: str) -> list[dict]:
     targets = []
     for _ in range(batch):
         boxes = torch.tensor([[10.0, 20.0, 120.0, 160.0], [60.0, 40.0, 200.0, 210.0]])
-        target = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+        labels = [1, 1] if "keypointrcnn" in name else [1, 2]  # keypointrcnn: 2 classes
+        target = {"boxes": boxes, "labels": torch.tensor(labels)}
         if "maskrcnn" in name:
             target["masks"] = torch.zeros(2, size, size, dtype=torch.uint8)
             target["masks"][:, 30:150, 30:150] = 1
@@ -174,7 +175,7 @@ def build(spec: str):
         return model, pair, pair, INPUT_NOTES["optical_flow"]
     if name in tvm.list_models(module=tvm.video):
         model = tvm.get_model(name, weights=None)
-        size = 224 if name.startswith(("mvit", "swin3d")) else 112
+        size = 224 if name.startswith(("mvit", "swin3d", "s3d")) else 112
         x = torch.randn(1, 3, 16, size, size)
         return model, (x,), (x,), f"1x3x16x{size}x{size}"
     if name in tvm.list_models(module=tvm.segmentation):

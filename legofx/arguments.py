@@ -120,3 +120,25 @@ def as_input_tuple(example_inputs, tensors_only: bool = False) -> tuple:
         return tuple(example_inputs)
     raise TypeError("example_inputs must be a tensor or a tuple of tensors, "
                     f"got {type(example_inputs).__name__}")
+
+
+def smallest_index_dtype(largest: int) -> torch.dtype:
+    """The smallest integer dtype that holds ``0..largest`` (what the index is stored in)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if largest <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def check_index_dtype(index_dtype, largest: int) -> torch.dtype:
+    """``index_dtype`` as a dtype that holds ``0..largest``; ``"smallest"`` picks the smallest."""
+    if index_dtype == "smallest":
+        return smallest_index_dtype(largest)
+    if not isinstance(index_dtype, torch.dtype) or index_dtype.is_floating_point or \
+            index_dtype.is_complex or index_dtype == torch.bool:
+        raise TypeError(f"index_dtype must be an integer torch.dtype or 'smallest', "
+                        f"got index_dtype={index_dtype!r}")
+    if largest > torch.iinfo(index_dtype).max:
+        raise ValueError(f"index_dtype={index_dtype} cannot hold index {largest} (o*m - 1); "
+                         "use a wider dtype or 'smallest'")
+    return index_dtype

@@ -24,6 +24,33 @@ def _size_arg(text: str) -> int | float:
     return float(text) if any(ch in text for ch in ".eE") else int(text)
 
 
+def add_method_arguments(sub: argparse.ArgumentParser) -> None:
+    """``--method`` and its settings, shared by ``run`` and ``export``."""
+    sub.add_argument("--method", choices=["lego", "structured"], default="lego",
+                     help="lego: legofx.transform (default); structured: legofx.structure")
+    sub.add_argument("--o", type=int, default=2, help="lego: input-channel fragments (default 2)")
+    sub.add_argument("--m", type=_size_arg, default=0.5,
+                     help="lego: Lego filters, a fraction of out_channels (0.5) or a count (16)")
+    sub.add_argument("--c", type=_size_arg, default=0.5,
+                     help="structured: underlying channels, a fraction of in_channels or a count")
+    sub.add_argument("--n", type=int, default=2, help="structured: underlying kernel size (default 2)")
+    sub.add_argument("--include", nargs="*", default=None, help="conv names or glob patterns")
+    sub.add_argument("--exclude", nargs="*", default=None, help="conv names or glob patterns")
+
+
+def apply_method(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """The training form of ``model`` under the method and settings of ``args``."""
+    if args.method == "structured":
+        from legofx.structure import structure
+
+        return structure(model, c=args.c, n=args.n, include=args.include, exclude=args.exclude)
+    return transform(model, o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+
+
+def method_settings(args: argparse.Namespace) -> str:
+    return f"c={args.c} n={args.n}" if args.method == "structured" else f"o={args.o} m={args.m}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, shape = build_model(args.model)
@@ -32,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model.eval()
     x = example_input(shape, args.seed)
     start = time.perf_counter()
-    gm = transform(model, o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+    gm = apply_method(model, args)
     transformed = time.perf_counter()
     folded = fold(gm)
     done = time.perf_counter()
@@ -57,11 +84,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("model", nargs="?", default="torchvision:resnet18",
                      help="torchvision:NAME, timm:NAME or path/to/file.py:factory "
                           "(default: torchvision:resnet18, random weights)")
-    run.add_argument("--o", type=int, default=2, help="input-channel fragments (default 2)")
-    run.add_argument("--m", type=_size_arg, default=0.5,
-                     help="Lego filters: a fraction of out_channels (0.5) or a count (16)")
-    run.add_argument("--include", nargs="*", default=None, help="conv names or glob patterns")
-    run.add_argument("--exclude", nargs="*", default=None, help="conv names or glob patterns")
+    add_method_arguments(run)
     run.add_argument("--input-size", type=int, default=None, help="spatial size of the example input")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--tolerance", type=float, default=1e-5,

@@ -7,9 +7,8 @@ import sys
 
 import torch
 
-from legofx.cli import _size_arg
+from legofx.cli import add_method_arguments, apply_method, method_settings
 from legofx.deploy import MismatchError, export
-from legofx.lego import transform
 from legofx.model_spec import build_model, example_input
 from legofx.records import summary
 from legofx.rewrite import fold
@@ -22,14 +21,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, shape = build_model(args.model)
     size = (args.input_size,) * 2 if args.input_size else shape[-2:]
     shape = (args.batch, *shape[1:-2], *size)
-    gm = transform(model.eval(), o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+    gm = apply_method(model.eval(), args)
     if args.weights:
         gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     folded = fold(gm.eval()).to(DTYPES[args.dtype])
     x = example_input(shape, args.seed).to(DTYPES[args.dtype])
     rewritten = sum(record.rewritten for record in summary(folded))
-    print(f"{args.model}: o={args.o} m={args.m}, {rewritten} of {len(summary(folded))} convs "
-          f"rewritten, folded, {args.dtype}, input {tuple(shape)}")
+    print(f"{args.model}: {args.method} {method_settings(args)}, {rewritten} of "
+          f"{len(summary(folded))} convs rewritten, folded, {args.dtype}, input {tuple(shape)}")
     try:
         result = export(folded, x, args.out, check=None if args.check == "none" else args.check)
     except MismatchError as err:
@@ -48,11 +47,7 @@ def add_parser(commands) -> None:
         "export", help="transform and fold a model, export it to .onnx or .pt2 and verify the file")
     sub.add_argument("model", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
     sub.add_argument("--out", required=True, help="output file: model.onnx or model.pt2")
-    sub.add_argument("--o", type=int, default=2, help="input-channel fragments (default 2)")
-    sub.add_argument("--m", type=_size_arg, default=0.5,
-                     help="Lego filters: a fraction of out_channels (0.5) or a count (16)")
-    sub.add_argument("--include", nargs="*", default=None, help="conv names or glob patterns")
-    sub.add_argument("--exclude", nargs="*", default=None, help="conv names or glob patterns")
+    add_method_arguments(sub)
     sub.add_argument("--weights", default=None,
                      help="state_dict of the transformed model (e.g. after training) to load "
                           "before folding; without it the weights are random")

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legofx.arguments import check_index_dtype
+from legofx.dense_form import DenseFoldedConv2d
 from legofx.layer_base import RewrittenLayer
 
 
@@ -233,14 +235,16 @@ class LegoConv2d(_LegoLayer):
         return FoldedLegoConv2d(self)
 
     def lowerings(self, index_dtype: torch.dtype | str = torch.int64, **options) -> dict:
-        """``"gather"`` (:class:`FoldedLegoConv2d`, the default) and ``"dense"`` (see
-        :mod:`legofx.lego_lowering`); ``index_dtype``: the gather index's dtype, or
-        ``"smallest"``."""
-        from legofx.lego_lowering import ReconstructedLegoConv2d, check_index_dtype
+        """``"gather"`` (:class:`FoldedLegoConv2d`, the default), ``"merge-conv"`` (the merge
+        as a 1x1 conv, :mod:`legofx.lego_merge_conv`) and ``"dense"``
+        (:class:`~legofx.dense_form.DenseFoldedConv2d`, the reconstructed weight as one conv);
+        ``index_dtype``: the gather index's dtype, or ``"smallest"``."""
+        from legofx.lego_merge_conv import MergeConvLegoConv2d  # it imports this module
 
         index_dtype = check_index_dtype(index_dtype, self.o * self.m - 1)
         return {"gather": lambda: FoldedLegoConv2d(self, index_dtype),
-                "dense": lambda: ReconstructedLegoConv2d(self)}
+                "merge-conv": lambda: MergeConvLegoConv2d(self),
+                "dense": lambda: DenseFoldedConv2d(self)}
 
 
 class FoldedLegoConv2d(_LegoLayer):

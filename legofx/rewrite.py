@@ -12,10 +12,9 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 import passes
-from legofx.arguments import Patterns, as_input_tuple, check_model
+from legofx.arguments import Patterns, as_input_tuple, check_index_dtype, check_model
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
-from legofx.lego_lowering import check_index_dtype
 from legofx.lowering import check_strategy, layer_inputs, lower
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
 from legofx.tracing import Scope, copy_model, overrides_forward, trace_tree, unshare

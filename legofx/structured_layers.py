@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legofx.dense_form import DenseFoldedConv2d
 from legofx.layer_base import RewrittenLayer
 from legofx.lego_layers import conv_geometry
 
@@ -220,6 +221,11 @@ class StructuredConv2d(_StructuredConv):
 
     def folded(self) -> FoldedStructuredConv2d:
         return FoldedStructuredConv2d(self)
+
+    def lowerings(self, **options) -> dict:
+        """``"sum-pool"`` (:class:`FoldedStructuredConv2d`, the default) and ``"dense"``
+        (:class:`~legofx.dense_form.DenseFoldedConv2d`: the composite weight as one conv)."""
+        return {"sum-pool": self.folded, "dense": lambda: DenseFoldedConv2d(self)}
 
 
 class FoldedStructuredConv2d(_StructuredConv):

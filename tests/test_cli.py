@@ -41,3 +41,23 @@ def test_model_from_file(tmp_path, capsys):
 def test_errors_are_reported_not_raised(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_structured_method_from_the_command_line(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent("""
+        from torch import nn
+        def build():
+            net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+            net.example_input_shape = (2, 4, 12, 12)
+            return net
+    """))
+    assert main(["run", f"{path}:build", "--method", "structured", "--c", "0.5", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fold equivalence verified" in out
+    assert "n=2 exceeds kernel_size=(1, 1)" in out
+    onnx = tmp_path / "net.onnx"
+    assert main(["export", f"{path}:build", "--method", "structured", "--n", "2",
+                 "--out", str(onnx)]) == 0
+    assert onnx.stat().st_size > 0
+    assert "structured c=0.5 n=2" in capsys.readouterr().out

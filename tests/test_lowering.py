@@ -9,7 +9,9 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx.lego_layers import FoldedLegoConv2d
-from legofx.lego_lowering import ReconstructedLegoConv2d, smallest_index_dtype
+from legofx.lego_merge_conv import MergeConvLegoConv2d
+from legofx.arguments import smallest_index_dtype
+from legofx.dense_form import DenseFoldedConv2d
 from strategies import conv_cases, networks
 
 
@@ -20,16 +22,18 @@ def transformed(case, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@given(data=st.data(), strategy=st.sampled_from(["gather", "dense", "auto"]),
+@given(data=st.data(), strategy=st.sampled_from(["gather", "merge-conv", "dense", "auto"]),
        index_dtype=st.sampled_from([torch.int64, torch.int32, "smallest"]))
 def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dtype):
     case = data.draw(conv_cases(dtype=dtype))
     gm = transformed(case)
     folded = legofx.fold(gm, strategy, example_inputs=case.x, index_dtype=index_dtype)
     layer = folded.get_submodule("0")
-    assert isinstance(layer, (FoldedLegoConv2d, ReconstructedLegoConv2d))
-    if strategy != "auto":
-        assert isinstance(layer, FoldedLegoConv2d if strategy == "gather" else ReconstructedLegoConv2d)
+    kinds = {"gather": FoldedLegoConv2d, "merge-conv": MergeConvLegoConv2d,
+             "dense": DenseFoldedConv2d}
+    assert isinstance(layer, kinds.get(strategy, tuple(kinds.values())))
+    assert torch.allclose(layer.weight, gm.get_submodule("0").reconstruct_weight(),
+                          rtol=0, atol=tolerance(dtype))
     with torch.no_grad():
         assert relative_error(folded(case.x), gm(case.x)) <= tolerance(dtype)
         assert torch.equal(layer(case.x), folded(case.x))  # eager module == inlined graph
@@ -37,7 +41,7 @@ def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dt
 
 
 @settings(max_examples=10)
-@given(net_x=networks(data_dependent=False), strategy=st.sampled_from(["dense", "auto"]))
+@given(net_x=networks(data_dependent=False), strategy=st.sampled_from(["merge-conv", "dense", "auto"]))
 def test_whole_networks_fold_under_every_strategy(net_x, strategy):
     net, x = net_x
     gm = legofx.transform(net, o=2, m=2).eval()
@@ -52,6 +56,7 @@ def test_dense_lowering_stores_the_dense_weight_and_summary_says_so():
     record, = legofx.summary(folded)
     assert record.lowering.startswith("dense") and record.params_after == 16 * 8 * 9 + 16
     assert legofx.summary(legofx.fold(gm))[0].params_after == 4 * 4 * 9 + 16 * 2 + 16
+    assert legofx.summary(legofx.fold(gm, "merge-conv"))[0].params_after == 4 * 4 * 9 + 16 * 8 + 16
     assert not [n for n in folded.graph.nodes if n.target == "index_select"]
 
 
@@ -81,3 +86,14 @@ def test_bad_fold_arguments_name_themselves():
     with pytest.raises(ValueError, match="index_dtype=torch.uint8 cannot hold index 511"):
         legofx.fold(legofx.transform(nn.Sequential(nn.Conv2d(8, 256, 1)), o=2, m=1.0),
                     index_dtype=torch.uint8)
+
+
+@given(case=conv_cases(), strategy=st.sampled_from(["sum-pool", "dense", "auto"]))
+def test_structured_lowerings_equal_the_training_form(case, strategy):
+    gm = legofx.structure(nn.Sequential(case.conv), c=0.5, n=1, init="random").eval()
+    folded = legofx.fold(gm, strategy, example_inputs=case.x)
+    with torch.no_grad():
+        assert relative_error(folded(case.x), gm(case.x)) <= tolerance(case.x.dtype)
+    record, = legofx.summary(folded)
+    if record.rewritten and strategy == "dense":
+        assert isinstance(folded.get_submodule("0"), DenseFoldedConv2d)

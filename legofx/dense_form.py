@@ -1,0 +1,72 @@
+"""The ``"dense"`` lowering every conv method offers: one plain conv with the weight the layer
+stands for (Lego: reconstructed from B, M and the coefficients; Structured: ``A alpha``).
+
+It computes the layer's function (up to rounding) at the original conv's cost and size, so it
+is never slower than the original; ``fold(gm, strategy="auto")`` keeps it for the layers whose
+own lowering is slower on the machine. ``params_after`` counts the dense weight, which is what
+it stores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legofx.layer_base import RewrittenLayer
+
+GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "padding_mode", "pad")
+
+
+class DenseFoldedConv2d(RewrittenLayer):
+    """Inference form: ``weight`` ``(n, c, kh, kw)`` and ``bias``, run as ``nn.Conv2d`` runs."""
+
+    form = "folded"
+    lowering = "dense (reconstructed conv)"
+    groups = 1
+
+    def __init__(self, trained: RewrittenLayer) -> None:
+        super().__init__()
+        for key, value in trained.geometry.items():
+            setattr(self, key, value)
+        self.train(trained.training)
+        with torch.no_grad():
+            weight = trained.weight.detach().clone()
+        trainable = any(p.requires_grad for p in trained.parameters(recurse=False))
+        self.weight = nn.Parameter(weight, trainable)
+        self.bias = (None if trained.bias is None
+                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+
+    @property
+    def geometry(self) -> dict:
+        return {key: getattr(self, key) for key in GEOMETRY}
+
+    @property
+    def params_before(self) -> int:
+        return self.params_after
+
+    @property
+    def params_after(self) -> int:
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+    def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
+        batch, _, height, width = output_shape
+        dense = batch * height * width * self.weight[0].numel() * self.out_channels
+        return dense, dense
+
+    def compute(self, x, attr, stage):
+        with stage("dense_conv"):
+            padding = self.padding
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self.pad, mode=self.padding_mode)
+                padding = 0
+            return F.conv2d(x, attr("weight"), attr("bias"), self.stride, padding, self.dilation)
+
+    def folded(self) -> DenseFoldedConv2d:
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
+                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}")
