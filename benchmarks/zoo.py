@@ -184,8 +184,6 @@ def build(spec: str):
         return model, (x,), (x,), INPUT_NOTES["segmentation"]
     model = tvm.get_model(name, weights=None)
     size = 299 if name == "inception_v3" else 224
-    if name.startswith("vit_h"):
-        size = 518
     x = torch.randn(2, 3, size, size)
     return model, (x,), (x,), f"2x3x{size}x{size}"
 
