@@ -234,6 +234,13 @@ def _eager_scope(module: nn.Module, name: str, reason: str) -> Scope:
     for child_name, child in list(module.named_children()):
         if isinstance(child, REWRITABLE_TYPES) or not _contains_rewritable(child):
             continue
+        optional = [arg for arg, value in specialized_defaults(child).items() if value is None]
+        if optional:  # its eager caller may pass them: a trace would fix them to None
+            sub = _eager_scope(child, _join(name, child_name), (
+                f"called by eager code that may pass its optional arguments "
+                f"({', '.join(f'{arg}=None' for arg in optional)}), which a trace would fix"))
+            scope.children.append(sub)
+            continue
         sub = _scope(child, _join(name, child_name), TracedSubtree)
         if sub.graph and sub.module is not child:
             setattr(module, child_name, sub.module)

@@ -15,14 +15,27 @@ class ModuleUse:
 
     ``module`` is the graph module's submodule at ``name`` (``None`` when the trace kept no such
     module). ``calls`` are the ``call_module`` nodes that run it; ``attribute_reads`` are
-    ``get_attr`` nodes that read one of its tensors directly (``F.conv2d(x, self.conv.weight)``).
-    A module with neither is never run by the traced forward.
+    ``get_attr`` nodes that read one of its tensors directly (``F.conv2d(x, self.conv.weight)``);
+    ``metadata_reads`` are ``get_attr`` nodes used only for a tensor's metadata
+    (``self.conv.weight.dtype``, ``.device``, ``.shape``), which any tensor of the same
+    dtype, device and shape answers. A module with none of them is never run by the traced
+    forward.
     """
 
     name: str
     module: nn.Module | None
     calls: list[fx.Node] = field(default_factory=list)
     attribute_reads: list[fx.Node] = field(default_factory=list)
+    metadata_reads: list[fx.Node] = field(default_factory=list)
+
+
+METADATA = frozenset({"dtype", "device", "shape", "is_cuda", "ndim"})
+
+
+def _metadata_only(node: fx.Node) -> bool:
+    return bool(node.users) and all(
+        user.op == "call_function" and user.target is getattr and user.args[1] in METADATA
+        for user in node.users)
 
 
 def module_uses(gm: fx.GraphModule, names: Iterable[str]) -> list[ModuleUse]:
@@ -35,5 +48,6 @@ def module_uses(gm: fx.GraphModule, names: Iterable[str]) -> list[ModuleUse]:
         elif node.op == "get_attr":
             owner = node.target.rpartition(".")[0]
             if owner in uses:
-                uses[owner].attribute_reads.append(node)
+                kind = "metadata_reads" if _metadata_only(node) else "attribute_reads"
+                getattr(uses[owner], kind).append(node)
     return list(uses.values())

@@ -190,3 +190,25 @@ def test_traced_subtree_survives_deepcopy_with_its_attribute_fallback():
     assert copy.deepcopy(sub).factor == 3
     assert "factor" not in dict(sub.named_buffers()) and not any(
         name.startswith("_legofx") for name, _ in gm.named_modules())
+
+
+class ReadsWeightMetadata(nn.Module):
+    """Reads only the dtype and device of a conv's weight, as timm's EdgeNeXt does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        return self.conv(x.to(dtype=self.conv.weight.dtype, device=self.conv.weight.device))
+
+
+def test_a_conv_whose_weight_metadata_is_read_is_rewritten():
+    net = ReadsWeightMetadata().double()
+    gm = legofx.transform(net, o=2, m=3)
+    record, = legofx.summary(gm)
+    assert record.rewritten, record.reason
+    x = torch.randn(2, 4, 5, 5)  # float32 in, float64 out: the dtype read still works
+    folded = legofx.fold(gm.eval())
+    assert folded(x).dtype == torch.float64
+    assert torch.allclose(folded(x), gm(x), rtol=0, atol=1e-12)
