@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legofx.layer_base import RewrittenLayer
-
-GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-            "padding_mode", "pad")
+from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
 
 
 class DenseFoldedConv2d(RewrittenLayer):
@@ -35,8 +32,7 @@ class DenseFoldedConv2d(RewrittenLayer):
             weight = trained.weight.detach().clone()
         trainable = any(p.requires_grad for p in trained.parameters(recurse=False))
         self.weight = nn.Parameter(weight, trainable)
-        self.bias = (None if trained.bias is None
-                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        self.bias = parameter_copy(trained.bias)
 
     @property
     def geometry(self) -> dict:

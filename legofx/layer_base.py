@@ -8,6 +8,15 @@ from functools import partial
 from torch import Tensor, nn
 
 
+GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "padding_mode", "pad")  # what a conv layer keeps of its nn.Conv2d (conv_geometry)
+
+
+def parameter_copy(tensor: Tensor | None) -> nn.Parameter | None:
+    """A detached copy of a parameter that keeps its ``requires_grad`` (``None`` stays)."""
+    return None if tensor is None else nn.Parameter(tensor.detach().clone(), tensor.requires_grad)
+
+
 def _no_stage(role: str) -> nullcontext:
     return nullcontext()
 

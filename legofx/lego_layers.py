@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from legofx.arguments import check_index_dtype
 from legofx.dense_form import DenseFoldedConv2d
-from legofx.layer_base import RewrittenLayer
+from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
 
 
 def split_fragments(x: Tensor, o: int) -> Tensor:
@@ -113,9 +113,7 @@ class _LegoLayer(RewrittenLayer):
     @property
     def geometry(self) -> dict:
         """Channels, kernel size and the conv hyper-parameters, as :func:`conv_geometry` gives."""
-        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                "padding_mode", "pad")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in GEOMETRY}
 
     @property
     def params_before(self) -> int:
@@ -263,13 +261,12 @@ class FoldedLegoConv2d(_LegoLayer):
     def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64) -> None:
         super().__init__(trained.geometry, trained.o, trained.m)
         self.train(trained.training)
-        self.lego = nn.Parameter(trained.lego.detach().clone(), trained.lego.requires_grad)
+        self.lego = parameter_copy(trained.lego)
         if isinstance(trained.coef, nn.Parameter):
             self.coef = nn.Parameter(trained.coef.detach().clone(), trained.coef.requires_grad)
         else:
             self.register_buffer("coef", trained.coef.detach().clone())
-        self.bias = (None if trained.bias is None
-                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        self.bias = parameter_copy(trained.bias)
         offsets = torch.arange(self.o, device=self.lego.device) * self.m
         index = (trained.selection() + offsets).flatten()
         self.register_buffer("index", index.to(index_dtype))

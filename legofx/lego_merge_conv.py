@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legofx.layer_base import parameter_copy
 from legofx.lego_layers import LegoConv2d, _LegoLayer
 
 
@@ -32,8 +33,7 @@ class MergeConvLegoConv2d(_LegoLayer):
         onehot = F.one_hot(trained.selection(), m).to(lego.dtype)
         kernel = onehot * trained.coef.detach().unsqueeze(-1)
         self.merge = nn.Parameter(kernel.reshape(n, o * m, 1, 1).clone(), trained.lego.requires_grad)
-        self.bias = (None if trained.bias is None
-                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        self.bias = parameter_copy(trained.bias)
 
     @property
     def params_after(self) -> int:

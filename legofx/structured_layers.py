@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from legofx.dense_form import DenseFoldedConv2d
-from legofx.layer_base import RewrittenLayer
+from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
 from legofx.lego_layers import conv_geometry
 
 
@@ -130,9 +130,7 @@ class _StructuredConv(RewrittenLayer):
 
     @property
     def geometry(self) -> dict:
-        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                "padding_mode", "pad")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in GEOMETRY}
 
     @property
     def under(self) -> tuple[int, int, int]:
@@ -238,9 +236,8 @@ class FoldedStructuredConv2d(_StructuredConv):
         super().__init__(trained.geometry, trained.under)
         self.train(trained.training)
         self.init_error = trained.init_error
-        self.alpha = nn.Parameter(trained.alpha.detach().clone(), trained.alpha.requires_grad)
-        self.bias = (None if trained.bias is None
-                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        self.alpha = parameter_copy(trained.alpha)
+        self.bias = parameter_copy(trained.bias)
 
     def compute(self, x, attr, stage):
         if any(self.pad):
@@ -321,9 +318,8 @@ class FoldedStructuredLinear(_StructuredLinear):
         super().__init__(trained.in_features, trained.out_features, trained.f)
         self.train(trained.training)
         self.init_error = trained.init_error
-        self.alpha = nn.Parameter(trained.alpha.detach().clone(), trained.alpha.requires_grad)
-        self.bias = (None if trained.bias is None
-                     else nn.Parameter(trained.bias.detach().clone(), trained.bias.requires_grad))
+        self.alpha = parameter_copy(trained.alpha)
+        self.bias = parameter_copy(trained.bias)
 
     def compute(self, x, attr, stage):
         with stage("sum_pool"):  # running sum over the features, as in sum_pool
