@@ -87,11 +87,11 @@ def memory(names: list[str], o: int = 2, m: float = 0.5) -> list[dict]:
         rows += [{"model": name, "batch": x.shape[0], "variant": variant, "peak_mb": peak,
                   "ratio": peak / peaks["original"], "file_mb": sizes[variant],
                   "file_ratio": sizes["original"] / sizes[variant],
-                  "formula_mb": formula_mb(models[variant])}
+                  "tensor_mb": tensor_mb(models[variant])}
                  for variant, peak in peaks.items()]
     print(tabulate([[r["model"], r["batch"], r["variant"], f"{r['peak_mb']:.0f}",
                      f"{r['ratio']:.2f}", f"{r['file_mb']:.2f}", f"{r['file_ratio']:.2f}x",
-                     f"{r['formula_mb']:.2f}"] for r in rows],
+                     f"{r['tensor_mb']:.2f}"] for r in rows],
                    ["model", "batch", "variant", "peak MB (one forward)", "vs original",
                     "state_dict MB", "smaller", "tensor bytes MB"], tablefmt="github"))
     return rows
@@ -106,7 +106,7 @@ def file_mb(model: torch.nn.Module) -> float:
     return buffer.tell() / 2**20
 
 
-def formula_mb(model: torch.nn.Module) -> float:
+def tensor_mb(model: torch.nn.Module) -> float:
     """What the model must store: every tensor at its own width. For a folded Lego model
     that is the Lego filters, coefficients and one index entry per (output channel, fragment)
     (the paper's eq. 1 counts M as n*o*m bits; an index needs only log2(o*m) bits)."""

@@ -174,9 +174,7 @@ def run(budget: Budget | None = None, seed: int = 0, quiet: bool = False, export
             with torch.no_grad():
                 ours, theirs = inference(x_test), model(x_test)
                 results[name]["fold_error"] = ((ours - theirs).norm() / theirs.norm()).item()
-    for model in folded.values():
-        model.eval()
-    timing = interleaved_times({"dense": dense.eval(), **folded}, x_test[:64], rounds=30, warmup=3)
+    timing = interleaved_times({"dense": dense, **folded}, x_test[:64], rounds=30, warmup=3)
     for name, samples in timing.items():
         results[name]["latency_ms"] = median_ms(samples)
     if export_dir is not None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
+from legofx.layer_base import GEOMETRY, RewrittenLayer, conv_extra_repr, parameter_copy
 
 
 class DenseFoldedConv2d(RewrittenLayer):
@@ -63,6 +63,4 @@ class DenseFoldedConv2d(RewrittenLayer):
         return self
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
-                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}")
+        return conv_extra_repr(self)

@@ -17,6 +17,16 @@ def parameter_copy(tensor: Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor.detach().clone(), tensor.requires_grad)
 
 
+def conv_extra_repr(layer: nn.Module, settings: str = "") -> str:
+    """``extra_repr`` of a layer standing for an ``nn.Conv2d``; ``settings`` go after the
+    kernel size (``"o=2, m=32"``)."""
+    middle = f"{settings}, " if settings else ""
+    return (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+            f"{middle}stride={layer.stride}, padding={layer.padding!r}, "
+            f"dilation={layer.dilation}, padding_mode={layer.padding_mode!r}, "
+            f"bias={layer.bias is not None}")
+
+
 def _no_stage(role: str) -> nullcontext:
     return nullcontext()
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from legofx.arguments import check_index_dtype
 from legofx.dense_form import DenseFoldedConv2d
-from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
+from legofx.layer_base import GEOMETRY, RewrittenLayer, conv_extra_repr, parameter_copy
 
 
 def split_fragments(x: Tensor, o: int) -> Tensor:
@@ -152,10 +152,7 @@ class _LegoLayer(RewrittenLayer):
         return reconstruct_weight(self.lego, self.selection(), self.coef)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"o={self.o}, m={self.m}, stride={self.stride}, padding={self.padding!r}, "
-                f"dilation={self.dilation}, padding_mode={self.padding_mode!r}, "
-                f"bias={self.bias is not None}")
+        return conv_extra_repr(self, f"o={self.o}, m={self.m}")
 
 
 class LegoConv2d(_LegoLayer):
@@ -263,7 +260,7 @@ class FoldedLegoConv2d(_LegoLayer):
         self.train(trained.training)
         self.lego = parameter_copy(trained.lego)
         if isinstance(trained.coef, nn.Parameter):
-            self.coef = nn.Parameter(trained.coef.detach().clone(), trained.coef.requires_grad)
+            self.coef = parameter_copy(trained.coef)
         else:
             self.register_buffer("coef", trained.coef.detach().clone())
         self.bias = parameter_copy(trained.bias)

@@ -28,9 +28,8 @@ class MergeConvLegoConv2d(_LegoLayer):
         super().__init__(trained.geometry, trained.o, trained.m)
         self.train(trained.training)
         n, o, m = trained.out_channels, trained.o, trained.m
-        lego = trained.lego.detach()
-        self.lego = nn.Parameter(lego.clone(), trained.lego.requires_grad)
-        onehot = F.one_hot(trained.selection(), m).to(lego.dtype)
+        self.lego = parameter_copy(trained.lego)
+        onehot = F.one_hot(trained.selection(), m).to(self.lego.dtype)
         kernel = onehot * trained.coef.detach().unsqueeze(-1)
         self.merge = nn.Parameter(kernel.reshape(n, o * m, 1, 1).clone(), trained.lego.requires_grad)
         self.bias = parameter_copy(trained.bias)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from legofx.dense_form import DenseFoldedConv2d
-from legofx.layer_base import GEOMETRY, RewrittenLayer, parameter_copy
+from legofx.layer_base import GEOMETRY, RewrittenLayer, conv_extra_repr, parameter_copy
 from legofx.lego_layers import conv_geometry
 
 
@@ -175,10 +175,7 @@ class _StructuredConv(RewrittenLayer):
         return compose_weight(self.alpha, self.window)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"under=({self.c}, {self.nh}, {self.nw}), stride={self.stride}, "
-                f"padding={self.padding!r}, dilation={self.dilation}, "
-                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}")
+        return conv_extra_repr(self, f"under=({self.c}, {self.nh}, {self.nw})")
 
 
 class StructuredConv2d(_StructuredConv):

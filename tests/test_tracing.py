@@ -212,3 +212,42 @@ def test_a_conv_whose_weight_metadata_is_read_is_rewritten():
     folded = legofx.fold(gm.eval())
     assert folded(x).dtype == torch.float64
     assert torch.allclose(folded(x), gm(x), rtol=0, atol=1e-12)
+
+
+class MaskedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, mask=None):
+        y = self.conv(x)
+        return y if mask is None else y * mask
+
+
+class PassesMask(nn.Module):
+    """An untraceable root that calls its child with a tensor for an argument that defaults to
+    None (as timm's Gemma-4 and DINOv3 ViTs pass attn_mask / rope)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = MaskedBlock()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: fx cannot trace the root
+            x = -x
+        return self.block(x, mask=(x > 0).to(x.dtype))
+
+
+def test_child_called_with_an_optional_argument_is_not_traced_with_it_fixed():
+    net = PassesMask().double()
+    gm = legofx.transform(net, o=2, m=2)
+    record, = legofx.summary(gm)
+    assert record.rewritten and record.where == "module"
+    assert "optional arguments (mask=None)" in stored_meta(gm)["untraced"]["block"]
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    layer = gm.get_submodule("block.conv")
+    mask = (x > 0 if x.sum() <= 0 else -x > 0).double()
+    expected = F.conv2d(-x if x.sum() > 0 else x, layer.weight, layer.bias, padding=1) * mask
+    assert relative_error(gm(x), expected) <= TOL64
+    assert relative_error(legofx.fold(gm.eval())(x), expected) <= TOL64
