@@ -21,10 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import legofx
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from helpers import randomize_lego  # noqa: E402
-from strategies import networks  # noqa: E402
+from legofx.testing import networks, randomize_lego
 
 
 def folded(model, seed=1):

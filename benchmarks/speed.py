@@ -3,15 +3,18 @@
     python benchmarks/speed.py                       # resnet18 b8, vgg16 b4, resnet50 b8, mobilenet_v2 b8
     python benchmarks/speed.py --models resnet18 --backends eager onnxruntime --rounds 5
     python benchmarks/speed.py --sweep               # speed-up vs m for o in {1, 2, 4} (resnet18)
+    python benchmarks/speed.py --breakdown           # eager time per op group (profiler)
 
-For each torchvision model (random weights, 224x224, float32, CPU) the original, the folded
-Lego model (o=2, m=0.5) with every layer lowered as ``gather`` and the one folded with
-``strategy="auto"`` (per layer, the fastest of gather, merge-conv and dense in eager mode on
-the benchmark's own input) and the one lowered as ``merge-conv`` everywhere run on each
-backend: eager PyTorch, ``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the
-models go through ``legofx.compile``). Timings are interleaved: every round runs every
-variant once, in turn, after warm-up; medians with min-max. ``theory`` is the network's MAC
-ratio original / Lego (Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
+For each torchvision model (random weights, 224x224, float32, CPU) the original, the
+original with its conv-BatchNorm pairs fused (models with BatchNorm), and the folded Lego
+model (o=2, m=0.5) lowered as ``gather`` everywhere, as ``accumulate`` everywhere, with
+``strategy="auto"`` (per layer, the fastest lowering in eager mode on the benchmark's own
+input) and with ``auto`` plus ``fuse_batchnorm=True`` run on each backend: eager PyTorch,
+``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the models go through
+``legofx.compile``). Timings are interleaved: every round runs every variant once, in turn,
+after warm-up; medians with min-max. Speed-ups are against the original and against the
+BN-fused original on the same backend. ``theory`` is the network's MAC ratio original / Lego
+(Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
 ``measured / theory`` is the speed-up divided by it. ``--memory`` measures instead the
 growth of the process's peak resident memory during one eager forward (see
 :func:`peak_growth_mb`). Results: ``results/speed.json``, ``results/speed_memory.json``,
@@ -35,6 +38,7 @@ from legofx.timing import interleaved_times
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
+LOWERINGS = ("gather", "accumulate", "merge-conv", "dense")
 
 
 def build(name: str) -> torch.nn.Module:
@@ -114,24 +118,42 @@ def tensor_mb(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
 def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
+    """The models timed for ``name``: the original; with BatchNorms, the original with every
+    conv-BN pair fused (``torch.fx.experimental.optimization.fuse``, the fair baseline for
+    the Lego models that fold their BatchNorms too); Lego folded as ``gather`` and as
+    ``accumulate`` everywhere, ``auto``, and ``auto`` with ``fuse_batchnorm=True``."""
+    from torch.fx.experimental.optimization import fuse
+
     original = build(name)
     gm = legofx.transform(original, o=o, m=m).eval()
-    gather = legofx.fold(gm)
-    merge_conv = legofx.fold(gm, "merge-conv")
-    auto = legofx.fold(gm, "auto", example_inputs=x)
-    _, before, after = measure_macs(gather, x[:1])
-    _, _, after_auto = measure_macs(auto, x[:1])
-    _, _, after_merge = measure_macs(merge_conv, x[:1])
-    chosen = [r.lowering.split(" ")[0] for r in legofx.summary(auto) if r.rewritten]
-    dense = "/".join(str(chosen.count(kind)) for kind in ("gather", "merge-conv", "dense"))
-    info = {"macs": before, "theory": before / after, "theory_auto": before / after_auto,
-            "theory_merge_conv": before / after_merge,
-            "auto_choices": dense, "rewritten": sum(r.rewritten for r in legofx.summary(auto)),
-            "layers": [{"name": r.name, "lowering": r.lowering} for r in legofx.summary(auto)
+    models = {"original": original}
+    if has_batchnorm(original):
+        models["original, BN fused"] = fuse(original).eval()
+    models["lego gather"] = legofx.fold(gm)
+    models["lego accumulate"] = legofx.fold(gm, "accumulate")
+    models["lego auto"] = legofx.fold(gm, "auto", example_inputs=x)
+    if has_batchnorm(original):
+        models["lego auto, BN fused"] = legofx.fold(gm, "auto", example_inputs=x,
+                                                    fuse_batchnorm=True)
+    macs = {variant: measure_macs(model, x[:1])[1:] for variant, model in models.items()
+            if variant.startswith("lego")}
+    base = macs["lego gather"][0]  # the original's MACs (BN fusion does not change them)
+    macs = {"original": base, "original, BN fused": base,
+            **{variant: after for variant, (_, after) in macs.items()}}
+    chosen = [r.lowering.split(" ")[0] for r in legofx.summary(models["lego auto"]) if r.rewritten]
+    counts = "/".join(str(chosen.count(kind)) for kind in LOWERINGS)
+    info = {"macs": base, "theory": {variant: base / after for variant, after in macs.items()},
+            "auto_choices": counts,
+            "rewritten": sum(r.rewritten for r in legofx.summary(models["lego auto"])),
+            "layers": [{"name": r.name, "lowering": r.lowering}
+                       for r in legofx.summary(models.get("lego auto, BN fused", models["lego auto"]))
                        if r.rewritten]}
-    return {"original": original, "lego gather": gather, "lego merge-conv": merge_conv,
-            "lego auto": auto}, info
+    return models, info
 
 
 def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
@@ -148,17 +170,17 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
         compiled = on_backend(models, backend, x)
         times = interleaved_times(compiled, x, rounds=rounds, warmup=2)
         base = statistics.median(times["original"])
+        fused = statistics.median(times.get("original, BN fused", times["original"]))
+        lego_theory = info["theory"]["lego gather"]
         for variant, samples in times.items():
             median = statistics.median(samples)
-            theory = {"original": 1.0, "lego gather": info["theory"],
-                      "lego merge-conv": info["theory_merge_conv"],
-                      "lego auto": info["theory_auto"]}[variant]
             rows.append({
                 "model": name, "batch": x.shape[0], "backend": backend, "variant": variant,
                 "median_ms": 1000 * median, "min_ms": 1000 * min(samples),
-                "max_ms": 1000 * max(samples), "speedup": base / median, "theory": theory,
-                "lego_theory": info["theory"], "measured_over_theory": base / median / info["theory"],
-                "auto_choices": "" if variant != "lego auto" else info["auto_choices"],
+                "max_ms": 1000 * max(samples), "speedup": base / median,
+                "speedup_vs_bn_fused": fused / median, "theory": info["theory"][variant],
+                "lego_theory": lego_theory, "measured_over_theory": base / median / lego_theory,
+                "auto_choices": info["auto_choices"] if variant.startswith("lego auto") else "",
                 "rewritten": info["rewritten"], "rounds": rounds,
             })
         print(table([r for r in rows if r["backend"] == backend]), flush=True)
@@ -169,14 +191,57 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
 def table(rows: list[dict]) -> str:
     body = [[r["model"], r["batch"], r["backend"], r["variant"], f"{r['median_ms']:.1f}",
              f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['speedup']:.2f}x",
-             *(["", ""] if r["variant"] == "original" else
+             f"{r['speedup_vs_bn_fused']:.2f}x",
+             *(["", ""] if r["variant"].startswith("original") else
                [f"{r['lego_theory']:.2f}x", f"{r['measured_over_theory']:.2f}"]),
              r["auto_choices"]]
             for r in rows if "variant" in r]
     return tabulate(body, ["model", "batch", "backend", "variant", "median ms", "min-max ms",
-                           "speed-up", "theory", "meas./theory",
-                           "auto: gather/merge-conv/dense"],
+                           "speed-up", "vs BN-fused original", "theory", "meas./theory",
+                           "auto: " + "/".join(LOWERINGS)],
                     tablefmt="github", disable_numparse=True)
+
+
+OP_GROUPS = {"convolution": ("convolution",), "batch norm": ("batch_norm",),
+             "index_select / mul / add / sum": ("index_select", "mul", "add", "sum", "fill_")}
+
+
+def breakdown(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
+    """Where eager time goes: ``torch.profiler`` self CPU time per forward, by op group, for the
+    original and the Lego lowerings. ``conv-only speed-up`` (original's convolution time over
+    the variant's) is the ceiling any merge, however fast, leaves: the Lego convs' own
+    efficiency on this machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name in names:
+        x = torch.randn(BATCH.get(name, 8), 3, 224, 224)
+        original = build(name)
+        gm = legofx.transform(original, o=o, m=m).eval()
+        models = {"original": original, "lego gather": legofx.fold(gm),
+                  "lego accumulate": legofx.fold(gm, "accumulate")}
+        groups = {}
+        with torch.no_grad():
+            for variant, model in models.items():
+                model(x)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(rounds):
+                        model(x)
+                ms = {key: 0.0 for key in [*OP_GROUPS, "other"]}
+                for event in prof.key_averages():
+                    group = next((g for g, parts in OP_GROUPS.items()
+                                  if any(part in event.key for part in parts)), "other")
+                    ms[group] += event.self_cpu_time_total / rounds / 1000
+                groups[variant] = ms
+        for variant, ms in groups.items():
+            conv = groups["original"]["convolution"] / ms["convolution"]
+            rows.append({"model": name, "batch": x.shape[0], "variant": variant, **ms,
+                         "total": sum(ms.values()), "conv_only_speedup": conv})
+    print(tabulate([[r["model"], r["variant"], *(f"{r[g]:.1f}" for g in [*OP_GROUPS, "other"]),
+                     f"{r['total']:.1f}", f"{r['conv_only_speedup']:.2f}x"] for r in rows],
+                   ["model", "variant", *(f"{g} ms" for g in OP_GROUPS), "other ms",
+                    "total ms", "conv-only speed-up"], tablefmt="github"))
+    return rows
 
 
 def sweep(rounds: int, backends: list[str], out: Path) -> list[dict]:
@@ -229,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="speed-up vs m for o in {1, 2, 4}")
     parser.add_argument("--memory", action="store_true",
                         help="peak memory of one eager forward instead of latency")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="eager time per op group (torch.profiler) instead of latency")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         rows = memory(args.models)
         (args.out / "speed_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        return 0
+    if args.breakdown:
+        rows = breakdown(args.models, args.rounds)
+        (args.out / "speed_breakdown.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         return 0
     if args.sweep:
         rows = sweep(args.rounds, [b for b in args.backends if b != "inductor"], args.out)

@@ -21,6 +21,7 @@ class DenseFoldedConv2d(RewrittenLayer):
 
     form = "folded"
     lowering = "dense (reconstructed conv)"
+    per_output = "weight"
     groups = 1
 
     def __init__(self, trained: RewrittenLayer) -> None:

@@ -45,6 +45,8 @@ class RewrittenLayer(nn.Module):
     form: str
     lowering: str = ""
     inline = True  # whether the inline pass expands its compute() into graph nodes
+    per_output: str | None = None  # folded forms: the tensor (dim 0 = output channel) the
+    # output is linear in, besides the bias; fold(fuse_batchnorm=True) scales its rows
 
     def compute(self, x: Tensor, attr, stage) -> Tensor:
         raise NotImplementedError

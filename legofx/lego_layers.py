@@ -230,14 +230,18 @@ class LegoConv2d(_LegoLayer):
         return FoldedLegoConv2d(self)
 
     def lowerings(self, index_dtype: torch.dtype | str = torch.int64, **options) -> dict:
-        """``"gather"`` (:class:`FoldedLegoConv2d`, the default), ``"merge-conv"`` (the merge
-        as a 1x1 conv, :mod:`legofx.lego_merge_conv`) and ``"dense"``
-        (:class:`~legofx.dense_form.DenseFoldedConv2d`, the reconstructed weight as one conv);
+        """``"gather"`` (:class:`FoldedLegoConv2d`, the default), ``"accumulate"`` (the same
+        tensors, a merge with fewer memory passes for eager mode, :mod:`legofx.lego_accumulate`),
+        ``"merge-conv"`` (the merge as a 1x1 conv, :mod:`legofx.lego_merge_conv`) and
+        ``"dense"`` (:class:`~legofx.dense_form.DenseFoldedConv2d`, the reconstructed weight as
+        one conv);
         ``index_dtype``: the gather index's dtype, or ``"smallest"``."""
-        from legofx.lego_merge_conv import MergeConvLegoConv2d  # it imports this module
+        from legofx.lego_accumulate import AccumulateLegoConv2d  # these import this module
+        from legofx.lego_merge_conv import MergeConvLegoConv2d
 
         index_dtype = check_index_dtype(index_dtype, self.o * self.m - 1)
         return {"gather": lambda: FoldedLegoConv2d(self, index_dtype),
+                "accumulate": lambda: AccumulateLegoConv2d(self, index_dtype),
                 "merge-conv": lambda: MergeConvLegoConv2d(self),
                 "dense": lambda: DenseFoldedConv2d(self)}
 
@@ -254,6 +258,7 @@ class FoldedLegoConv2d(_LegoLayer):
 
     form = "folded"
     lowering = "gather (index_select, mul, sum)"
+    per_output = "coef"
 
     def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64) -> None:
         super().__init__(trained.geometry, trained.o, trained.m)
@@ -271,11 +276,13 @@ class FoldedLegoConv2d(_LegoLayer):
     def compute(self, x, attr, stage):
         maps = self._maps(x, attr, stage)
         with stage("merge"):
-            index = attr("index")
-            if self.index.dtype not in (torch.int32, torch.int64):
-                index = index.long()
-            return merge_gathered(maps, index, attr("coef"), attr("bias"),
+            return merge_gathered(maps, self._index(attr), attr("coef"), attr("bias"),
                                   self.out_channels, self.o)
+
+    def _index(self, attr) -> Tensor:
+        """The index as ``index_select`` takes it (int32/int64; compact dtypes are cast)."""
+        index = attr("index")
+        return index if self.index.dtype in (torch.int32, torch.int64) else index.long()
 
     def selection(self) -> Tensor:
         offsets = torch.arange(self.o, device=self.index.device) * self.m

@@ -23,6 +23,7 @@ class MergeConvLegoConv2d(_LegoLayer):
 
     form = "folded"
     lowering = "merge-conv (1x1 conv with coef*M)"
+    per_output = "merge"
 
     def __init__(self, trained: LegoConv2d) -> None:
         super().__init__(trained.geometry, trained.o, trained.m)

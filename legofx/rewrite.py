@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 import passes
 from legofx.arguments import Patterns, as_input_tuple, check_index_dtype, check_model
+from legofx.fuse_batchnorm import absorb_batchnorm
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
 from legofx.lowering import check_strategy, layer_inputs, lower
@@ -185,7 +186,7 @@ def graph_modules(model: nn.Module) -> list[fx.GraphModule]:
 
 
 def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
-         index_dtype: torch.dtype | str = torch.int64) -> nn.Module:
+         index_dtype: torch.dtype | str = torch.int64, fuse_batchnorm: bool = False) -> nn.Module:
     """The inference form of a transformed model; ``gm`` itself is not modified.
 
     Each training-form layer is replaced by its folded form (for LegoNet: the argmax of every
@@ -201,7 +202,13 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
         index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
             dtype that holds ``o*m - 1``, or ``"smallest"`` (uint8 when ``o*m <= 256``).
+        fuse_batchnorm: fold every eval-mode ``BatchNorm2d`` that directly follows a folded
+            layer (its only user, in a traced graph) into that layer's coefficients (Lego) or
+            weight, and remove it (:mod:`legofx.fuse_batchnorm`); ``summary`` names it in the
+            layer's lowering. Exact up to rounding; BatchNorms it cannot fold stay.
     """
+    if not isinstance(fuse_batchnorm, bool):
+        raise TypeError(f"fuse_batchnorm must be True or False, got fuse_batchnorm={fuse_batchnorm!r}")
     stored_records(gm)  # refuses models legofx did not make
     if strategy == "auto" and example_inputs is None:
         raise ValueError("strategy='auto' times each layer on its real input: pass "
@@ -220,11 +227,26 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     folded = {name: lower(module, strategy, inputs.get(name), options)
               for name, module in training.items()}
     passes.swap_modules(gm, folded)
+    if fuse_batchnorm:
+        _fuse_batchnorms(gm)
     new = {id(layer) for layer in folded.values()}
     for graph_module in graph_modules(gm):
         passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
     unshare(gm, original)
     return gm
+
+
+def _fuse_batchnorms(model: nn.Module) -> None:
+    """:func:`legofx.fuse_batchnorm.absorb_batchnorm` in every graph of ``model``, for layers
+    that are not shared (registered once in the model)."""
+    counts: dict[int, int] = {}
+    for module in model.modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    for prefix, graph_module in model.named_modules():
+        if isinstance(graph_module, fx.GraphModule):
+            scope = f"{prefix}." if prefix else ""
+            passes.absorb_followers(graph_module, lambda a, layer, b, bn: (
+                counts[id(layer)] == 1 and absorb_batchnorm(scope + a, layer, scope + b, bn)))
 
 
 def _training_tensors(model: nn.Module) -> list:

@@ -228,6 +228,7 @@ class FoldedStructuredConv2d(_StructuredConv):
 
     form = "folded"
     lowering = "pad + sum-pool (channel cumsum, depthwise ones) + small conv"
+    per_output = "alpha"
 
     def __init__(self, trained: StructuredConv2d) -> None:
         super().__init__(trained.geometry, trained.under)

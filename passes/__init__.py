@@ -12,8 +12,11 @@ One pass per file:
   tagged nodes (split / Lego conv / merge ...).
 - :func:`collapse_regions` (``collapse_regions``): the inverse: turn tagged regions back into
   one ``call_module`` node each.
+- :func:`absorb_followers` (``absorb_followers``): fold a module call into the call before it
+  (a BatchNorm into the layer that feeds it), as a given function decides.
 """
 
+from passes.absorb_followers import absorb_followers
 from passes.collapse_regions import collapse_regions
 from passes.find_modules import ModuleUse, module_uses
 from passes.inline_modules import REGION_KEY, inline_modules, region_of
@@ -21,6 +24,7 @@ from passes.swap_modules import swap_modules
 
 __all__ = [
     "REGION_KEY",
+    "absorb_followers",
     "ModuleUse",
     "collapse_regions",
     "inline_modules",

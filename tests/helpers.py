@@ -8,26 +8,7 @@ from torch import nn
 
 import legofx
 
-# float64: the two sides sum the same products in another order; relative rounding is ~1e-16
-# per operation, so 1e-12 leaves a margin of 10^4 for the accumulation.
-TOL64 = 1e-12
-# float32: rounding is ~6e-8 per operation; a deep random net sums thousands of products per
-# output and amplifies errors layer after layer, so the whole output's relative error is
-# bounded by 1e-5 (two orders of magnitude above what we observe, ~1e-7).
-TOL32 = 1e-5
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 over the whole output."""
-    expected = expected.double()
-    denominator = expected.norm()
-    if denominator == 0:
-        return (actual.double() - expected).norm().item()
-    return ((actual.double() - expected).norm() / denominator).item()
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    return TOL64 if dtype == torch.float64 else TOL32
+from legofx.testing import TOL32, TOL64, randomize_lego, relative_error, tolerance  # noqa: F401
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -53,16 +34,6 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 def lego_layers(gm: nn.Module) -> dict[str, legofx.LegoConv2d]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, legofx.LegoConv2d)}
-
-
-@torch.no_grad()
-def randomize_lego(gm: nn.Module, generator: torch.Generator) -> None:
-    """Random selections and coefficients, so tests do not rely on the balanced start."""
-    for layer in lego_layers(gm).values():
-        layer.proxy.copy_(torch.randn(layer.proxy.shape, generator=generator, dtype=layer.proxy.dtype))
-        layer.coef.copy_(torch.randn(layer.coef.shape, generator=generator, dtype=layer.coef.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator, dtype=layer.bias.dtype))
 
 
 def dense_equivalent(conv: nn.Conv2d, layer: legofx.LegoConv2d) -> nn.Conv2d:

@@ -23,7 +23,7 @@ import legofx
 from deploy_helpers import assert_close, folded_net, ort_run, small_net
 from legofx.deploy import TOLERANCES, MismatchError
 from legofx.op_check import TensorRTUnavailable, load_torch_tensorrt
-from strategies import networks
+from legofx.testing import networks
 
 
 @given(data=st.data())

@@ -8,7 +8,7 @@ from torch import nn
 
 import legofx
 from helpers import TOL64, randomize_lego, relative_error
-from strategies import networks
+from legofx.testing import networks
 
 MERGE_OPS = {"aten.index_select.default", "aten.mul.Tensor", "aten.sum.dim_IntList",
              "aten.view.default", "aten.reshape.default", "aten.add.Tensor",

@@ -10,7 +10,7 @@ from torch import nn
 import legofx
 from legofx.lego_layers import straight_through_onehot
 from helpers import TOL64, conv_with, lego_layers, randomize_lego, reference_merge_weight
-from strategies import conv_cases
+from legofx.testing import conv_cases
 
 
 def close(a, b):

@@ -8,7 +8,7 @@ from torch import nn
 
 import legofx
 from helpers import dense_equivalent, lego_layers, randomize_lego, relative_error, tolerance
-from strategies import conv_cases
+from legofx.testing import conv_cases
 
 
 def transformed(case, seed=0):

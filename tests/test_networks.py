@@ -10,7 +10,7 @@ import legofx
 from helpers import (
     TOL32, TOL64, assert_unchanged, lego_layers, randomize_lego, relative_error, snapshot,
 )
-from strategies import networks
+from legofx.testing import networks
 
 
 @given(data=st.data(), o=st.sampled_from([1, 2]), m=st.sampled_from([1, 2, 0.5, 1.0]))

@@ -15,7 +15,7 @@ from helpers import assert_unchanged, conv_with, relative_error, snapshot, toler
 from legofx.structured_layers import (
     FoldedStructuredConv2d, StructuredLinear, compose_weight, structure_matrix,
 )
-from strategies import conv_cases
+from legofx.testing import conv_cases
 
 
 @st.composite
