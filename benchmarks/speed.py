@@ -11,8 +11,12 @@ model (o=2, m=0.5) lowered as ``gather`` everywhere, as ``accumulate`` everywher
 ``strategy="auto"`` (per layer, the fastest lowering in eager mode on the benchmark's own
 input) and with ``auto`` plus ``fuse_batchnorm=True`` run on each backend: eager PyTorch,
 ``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the models go through
-``legofx.compile``). Timings are interleaved: every round runs every variant once, in turn,
-after warm-up; medians with min-max. Speed-ups are against the original and against the
+``legofx.compile``). On inductor and ONNX Runtime one more variant, ``lego auto on
+backend``, picks each layer's lowering by timing it compiled for that backend
+(``fold(..., backend=...)``, BatchNorms fused where the model has them). Timings are
+interleaved: every round runs every variant once, in turn, after warm-up; medians with
+min-max (ONNX Runtime sessions without spinning threads, which would take the cores of the
+session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). Speed-ups are against the original and against the
 BN-fused original on the same backend. ``theory`` is the network's MAC ratio original / Lego
 (Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
 ``measured / theory`` is the speed-up divided by it. ``--memory`` measures instead the
@@ -33,6 +37,7 @@ import torch
 from tabulate import tabulate
 
 import legofx
+from legofx.onnx_runtime import TAKING_TURNS
 from legofx.report import measure_macs
 from legofx.timing import interleaved_times
 
@@ -145,21 +150,40 @@ def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
     base = macs["lego gather"][0]  # the original's MACs (BN fusion does not change them)
     macs = {"original": base, "original, BN fused": base,
             **{variant: after for variant, (_, after) in macs.items()}}
-    chosen = [r.lowering.split(" ")[0] for r in legofx.summary(models["lego auto"]) if r.rewritten]
-    counts = "/".join(str(chosen.count(kind)) for kind in LOWERINGS)
     info = {"macs": base, "theory": {variant: base / after for variant, after in macs.items()},
-            "auto_choices": counts,
+            "auto_choices": choices(models["lego auto"]), "gm": gm,
             "rewritten": sum(r.rewritten for r in legofx.summary(models["lego auto"])),
-            "layers": [{"name": r.name, "lowering": r.lowering}
-                       for r in legofx.summary(models.get("lego auto, BN fused", models["lego auto"]))
-                       if r.rewritten]}
+            "layers": layers(models.get("lego auto, BN fused", models["lego auto"]))}
     return models, info
+
+
+def choices(model: torch.nn.Module) -> str:
+    """How many layers took each of :data:`LOWERINGS`, as "gather/accumulate/merge-conv/dense"."""
+    chosen = [r.lowering.split(" ")[0] for r in legofx.summary(model) if r.rewritten]
+    return "/".join(str(chosen.count(kind)) for kind in LOWERINGS)
+
+
+def layers(model: torch.nn.Module) -> list[dict]:
+    return [{"name": r.name, "lowering": r.lowering} for r in legofx.summary(model) if r.rewritten]
+
+
+def timed_on_backend(models: dict, info: dict, backend: str, x: torch.Tensor) -> dict:
+    """``models`` plus "lego auto on backend": the lowerings timed compiled for ``backend``."""
+    if backend == "eager":
+        return models
+    fused = "original, BN fused" in models
+    model = legofx.fold(info["gm"], "auto", example_inputs=x, backend=backend, fuse_batchnorm=fused)
+    info["theory"]["lego auto on backend"] = info["macs"] / measure_macs(model, x[:1])[2]
+    info[f"auto_choices {backend}"] = choices(model)
+    info[f"layers {backend}"] = layers(model)
+    return {**models, "lego auto on backend": model}
 
 
 def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
     if backend == "eager":
         return models
-    return {name: legofx.compile(model, x, backend=backend) for name, model in models.items()}
+    options = {"session_config": TAKING_TURNS} if backend == "onnxruntime" else {}
+    return {name: legofx.compile(model, x, backend=backend, **options) for name, model in models.items()}
 
 
 def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
@@ -167,7 +191,7 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
     models, info = variants(name, o, m, x)
     rows = []
     for backend in backends:
-        compiled = on_backend(models, backend, x)
+        compiled = on_backend(timed_on_backend(models, info, backend, x), backend, x)
         times = interleaved_times(compiled, x, rounds=rounds, warmup=2)
         base = statistics.median(times["original"])
         fused = statistics.median(times.get("original, BN fused", times["original"]))
@@ -180,11 +204,14 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
                 "max_ms": 1000 * max(samples), "speedup": base / median,
                 "speedup_vs_bn_fused": fused / median, "theory": info["theory"][variant],
                 "lego_theory": lego_theory, "measured_over_theory": base / median / lego_theory,
-                "auto_choices": info["auto_choices"] if variant.startswith("lego auto") else "",
+                "auto_choices": ("" if not variant.startswith("lego auto") else
+                                 info[f"auto_choices {backend}"] if variant.endswith("on backend")
+                                 else info["auto_choices"]),
                 "rewritten": info["rewritten"], "rounds": rounds,
             })
         print(table([r for r in rows if r["backend"] == backend]), flush=True)
-    rows.append({"model": name, "layers": info["layers"]})
+    rows.append({"model": name, "layers": info["layers"],
+                 **{key: value for key, value in info.items() if key.startswith("layers ")}})
     return rows
 
 

@@ -24,7 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     gm = apply_method(model.eval(), args)
     if args.weights:
         gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    folded = fold(gm.eval()).to(DTYPES[args.dtype])
+    folded = fold(gm.eval(), fuse_batchnorm=args.fuse_batchnorm).to(DTYPES[args.dtype])
     x = example_input(shape, args.seed).to(DTYPES[args.dtype])
     rewritten = sum(record.rewritten for record in summary(folded))
     print(f"{args.model}: {args.method} {method_settings(args)}, {rewritten} of "
@@ -56,5 +56,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     sub.add_argument("--check", choices=["tensorrt", "none"], default="tensorrt",
                      help="refuse graphs with ops Torch-TensorRT does not convert (default)")
+    sub.add_argument("--fuse-batchnorm", action="store_true",
+                     help="fold each BatchNorm that follows a folded layer into it "
+                          "(fold(..., fuse_batchnorm=True))")
     sub.add_argument("--seed", type=int, default=0)
     sub.set_defaults(handler=cmd_export)

@@ -24,6 +24,7 @@ from torch import nn
 
 from legofx.arguments import check_positive_int
 from legofx.lego import transform
+from legofx.progress import progress
 from legofx.report import measure_macs
 from legofx.rewrite import fold
 from legofx.timing import interleaved_times, median_ms
@@ -74,16 +75,6 @@ class Budget:
             raise ValueError(f"warmup must be a fraction in [0, 1], got {self.warmup!r}")
 
 
-def _progress(iterable, description: str, quiet: bool):
-    if quiet:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, unit="epoch", leave=True, dynamic_ncols=True)
-
-
 def train(model: nn.Module, data, budget: Budget, description: str = "training",
           quiet: bool = False, seed: int = 0) -> nn.Module:
     """SGD with momentum and a cosine schedule; Lego models learn their selection (with the
@@ -97,7 +88,7 @@ def train(model: nn.Module, data, budget: Budget, description: str = "training",
     lego = any(name.endswith(".proxy") for name, _ in model.named_parameters())
     warmup_epochs = round(budget.warmup * budget.epochs)
     model.train()
-    for epoch in _progress(range(budget.epochs), description, quiet):
+    for epoch in progress(range(budget.epochs), description, "epoch", quiet):
         if lego and epoch == warmup_epochs:
             freeze_selection(model)
         order = torch.randperm(len(y_train), generator=generator)

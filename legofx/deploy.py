@@ -185,10 +185,13 @@ def compile(model: nn.Module, example_inputs, backend: str = "inductor", *,  # n
 
     ``inductor``: ``torch.compile`` (``options`` go to it). ``onnxruntime``: the model
     exported to ONNX, run by an ONNX Runtime session wrapped in an ``nn.Module`` (tensors in
-    and out). ``tensorrt``: ``torch_tensorrt.compile(ir="dynamo", min_block_size=1)`` in the
-    model's dtype, for the example inputs' shapes (needs the ``legofx[tensorrt]`` extra,
-    TensorRT's libraries and a GPU; save it with :func:`save_tensorrt`). With ``verify`` the result is run once on the example
-    inputs (so compilation happens here) and compared with the eager model.
+    and out; ``options``: ``opset``, and ``session_config``, ONNX Runtime session config
+    entries such as :data:`legofx.onnx_runtime.TAKING_TURNS` for sessions timed in turn).
+    ``tensorrt``: ``torch_tensorrt.compile(ir="dynamo", min_block_size=1)`` in the model's
+    dtype, for the example inputs' shapes (needs the ``legofx[tensorrt]`` extra, TensorRT's
+    libraries and a GPU; save it with :func:`save_tensorrt`). With ``verify`` the result is
+    run once on the example inputs (so compilation happens here) and compared with the eager
+    model.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got backend={backend!r}")

@@ -3,23 +3,59 @@
 A training-form layer offers its lowerings (``RewrittenLayer.lowerings``: name -> builder,
 the default first). ``strategy=None`` takes each layer's default; a name takes that lowering
 wherever a layer offers it; ``"auto"`` builds every lowering of a layer and keeps the one
-that runs fastest, in eager mode on this machine, on the input the layer actually receives
-from ``example_inputs``.
+that runs fastest on the input the layer actually receives from ``example_inputs``, on this
+machine, in eager mode or compiled for the backend the model will run on (``backend=``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
+from legofx.deploy import BACKENDS, compile
 from legofx.layer_base import RewrittenLayer
+from legofx.onnx_runtime import TAKING_TURNS
 from legofx.timing import interleaved_times, median_ms
 
+AUTO_BACKENDS = ("eager", *BACKENDS)
 
-def choose_fastest(candidates: dict[str, nn.Module], x: Tensor, rounds: int = 7) -> tuple[str, dict]:
-    """The candidate that runs ``x`` fastest by median of interleaved timings
+
+def check_backend(backend, strategy) -> None:
+    if not isinstance(backend, str) or backend not in AUTO_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(AUTO_BACKENDS)}, got backend={backend!r}")
+    if backend != "eager" and strategy != "auto":
+        raise ValueError(f"backend={backend!r} says where strategy='auto' times the lowerings; "
+                         f"with strategy={strategy!r} nothing is timed: drop backend or use 'auto'")
+
+
+def on_backend(layer: nn.Module, x: Tensor, backend: str) -> nn.Module:
+    """``layer`` as it will run: itself in eager mode, else compiled for ``backend``.
+
+    For inductor the layer is first traced into a GraphModule of its own, so that dynamo
+    compiles every candidate separately, for static shapes, instead of reusing (or giving up
+    after) the compilations of other layers of the same class.
+    """
+    if backend == "eager":
+        return layer
+    if backend == "inductor":
+        return compile(fx.symbolic_trace(layer), x, backend, verify=False, dynamic=False)
+    if backend == "onnxruntime":  # the candidates' sessions take turns
+        return compile(layer, x, backend, verify=False, session_config=TAKING_TURNS)
+    return compile(layer, x, backend, verify=False)
+
+
+def choose_fastest(candidates: dict[str, nn.Module], x: Tensor, rounds: int = 7,
+                   backend: str = "eager") -> tuple[str, dict]:
+    """The candidate that runs ``x`` fastest on ``backend`` by median of interleaved timings
     (:func:`legofx.timing.interleaved_times`); returns its key and the medians in ms."""
-    times = interleaved_times(candidates, x, rounds=rounds)
+    modes = {module: module.training for layer in candidates.values() for module in layer.modules()}
+    try:
+        runnable = {key: on_backend(layer.eval(), x, backend) for key, layer in candidates.items()}
+        times = interleaved_times(runnable, x, rounds=rounds, warmup=2 if backend != "eager" else 1)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
     medians = {key: median_ms(samples) for key, samples in times.items()}
     return min(medians, key=medians.get), medians
 
@@ -35,7 +71,7 @@ def check_strategy(strategy, layers: dict[str, RewrittenLayer], options: dict) -
 
 
 def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
-          options: dict) -> RewrittenLayer:
+          options: dict, backend: str = "eager") -> RewrittenLayer:
     """The inference form of one training-form ``layer`` under ``strategy``.
 
     A named lowering the layer does not offer falls back to its default; ``"auto"`` without
@@ -48,10 +84,11 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
     if example is None or len(builders) == 1:
         return default()
     candidates = {name: build() for name, build in builders.items()}
-    best, medians = choose_fastest(candidates, example)
+    best, medians = choose_fastest(candidates, example, backend=backend)
     chosen = candidates[best]
     timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in medians.items())
-    chosen.lowering = f"{chosen.lowering} [auto: {timings}]"
+    where = "" if backend == "eager" else f" on {backend}"
+    chosen.lowering = f"{chosen.lowering} [auto{where}: {timings}]"
     return chosen
 
 

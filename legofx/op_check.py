@@ -85,7 +85,7 @@ TENSORRT_OPS = frozenset(f"aten.{op}" for op in """
     masked_fill.Scalar masked_fill.Tensor zeros.default ones.default zeros_like.default
     ones_like.default full_like.default new_zeros.default new_ones.default new_full.default
     new_empty.default unbind.int _unsafe_index.Tensor upsample_bilinear2d.vec
-    linalg_vector_norm.default sgn.default xlogy.Tensor tril.default triu.default
+    linalg_vector_norm.default sgn.default xlogy.Tensor tril.default triu.default addcmul.default
 """.split())
 
 _WITH_INDICES = {"aten.max_pool1d_with_indices.default", "aten.max_pool2d_with_indices.default",

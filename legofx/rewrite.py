@@ -16,7 +16,8 @@ from legofx.arguments import Patterns, as_input_tuple, check_index_dtype, check_
 from legofx.fuse_batchnorm import absorb_batchnorm
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
-from legofx.lowering import check_strategy, layer_inputs, lower
+from legofx.lowering import check_backend, check_strategy, layer_inputs, lower
+from legofx.progress import progress
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
 from legofx.tracing import Scope, copy_model, overrides_forward, trace_tree, unshare
 
@@ -186,7 +187,8 @@ def graph_modules(model: nn.Module) -> list[fx.GraphModule]:
 
 
 def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
-         index_dtype: torch.dtype | str = torch.int64, fuse_batchnorm: bool = False) -> nn.Module:
+         index_dtype: torch.dtype | str = torch.int64, fuse_batchnorm: bool = False,
+         backend: str = "eager") -> nn.Module:
     """The inference form of a transformed model; ``gm`` itself is not modified.
 
     Each training-form layer is replaced by its folded form (for LegoNet: the argmax of every
@@ -206,9 +208,16 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
             layer (its only user, in a traced graph) into that layer's coefficients (Lego) or
             weight, and remove it (:mod:`legofx.fuse_batchnorm`); ``summary`` names it in the
             layer's lowering. Exact up to rounding; BatchNorms it cannot fold stay.
+        backend: where ``"auto"`` times the lowerings: ``"eager"`` (default) runs them as
+            they are; ``"inductor"``, ``"onnxruntime"`` or ``"tensorrt"`` compiles each
+            candidate layer with :func:`legofx.compile` first, so the choice fits the backend
+            the model will be deployed on (slower to fold: one compilation per layer and
+            lowering). Layers are timed alone, so under a compiler the fusion of a merge with
+            the BatchNorm and ReLU after it is not counted.
     """
     if not isinstance(fuse_batchnorm, bool):
         raise TypeError(f"fuse_batchnorm must be True or False, got fuse_batchnorm={fuse_batchnorm!r}")
+    check_backend(backend, strategy)
     stored_records(gm)  # refuses models legofx did not make
     if strategy == "auto" and example_inputs is None:
         raise ValueError("strategy='auto' times each layer on its real input: pass "
@@ -224,8 +233,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     check_strategy(strategy, training, options)
     inputs = ({} if strategy != "auto"
               else layer_inputs(gm, training, as_input_tuple(example_inputs)))
-    folded = {name: lower(module, strategy, inputs.get(name), options)
-              for name, module in training.items()}
+    timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
+             if strategy == "auto" and backend != "eager" else training.items())
+    folded = {name: lower(module, strategy, inputs.get(name), options, backend)
+              for name, module in timed}
     passes.swap_modules(gm, folded)
     if fuse_batchnorm:
         _fuse_batchnorms(gm)

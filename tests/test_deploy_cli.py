@@ -38,6 +38,17 @@ def test_export_onnx_prints_what_was_verified(net_file, tmp_path, capsys):
     assert "export verified" in printed
 
 
+def test_export_can_fuse_batchnorms(net_file, tmp_path, capsys):
+    import onnx
+
+    plain, fused = tmp_path / "plain.onnx", tmp_path / "fused.onnx"
+    assert main(["export", net_file, "--out", str(plain)]) == 0
+    assert main(["export", net_file, "--out", str(fused), "--fuse-batchnorm"]) == 0
+    assert "export verified" in capsys.readouterr().out
+    ops = [{node.op_type for node in onnx.load(str(path)).graph.node} for path in (plain, fused)]
+    assert "BatchNormalization" in ops[0] and "BatchNormalization" not in ops[1]
+
+
 def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     from legofx.model_spec import build_model
 

@@ -84,6 +84,25 @@ def test_auto_records_its_timings():
     assert "[auto: gather" in record.lowering and "dense" in record.lowering
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
+def test_auto_times_the_lowerings_compiled_for_the_backend(backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    gm = legofx.transform(net, o=2, m=4)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    gm.train()
+    x = torch.randn(2, 8, 10, 10)
+    folded = legofx.fold(gm, "auto", example_inputs=x, backend=backend)
+    records = [r for r in legofx.summary(folded) if r.rewritten]
+    assert len(records) == 2
+    for record in records:
+        assert f"[auto on {backend}: gather" in record.lowering and "dense" in record.lowering
+    assert all(m.training for m in folded.modules())  # timed in eval mode, flags restored
+    with torch.no_grad():
+        assert relative_error(folded.eval()(x), gm.eval()(x)) <= tolerance(torch.float32)
+
+
 def test_smallest_index_dtype():
     assert smallest_index_dtype(255) == torch.uint8
     assert smallest_index_dtype(256) == torch.int16
@@ -99,6 +118,10 @@ def test_bad_fold_arguments_name_themselves():
         legofx.fold(gm, "fast")
     with pytest.raises(ValueError, match="example_inputs"):
         legofx.fold(gm, "auto")
+    with pytest.raises(ValueError, match="backend='tvm'"):
+        legofx.fold(gm, "auto", example_inputs=torch.randn(1, 8, 5, 5), backend="tvm")
+    with pytest.raises(ValueError, match="backend='inductor'.*strategy='dense'"):
+        legofx.fold(gm, "dense", backend="inductor")
     with pytest.raises(TypeError, match="index_dtype=torch.float16"):
         legofx.fold(gm, index_dtype=torch.float16)
     with pytest.raises(ValueError, match="index_dtype=torch.uint8 cannot hold index 511"):

@@ -1,8 +1,6 @@
 """Structured Convolutions (``legofx.structure``): training form == conv with ``A alpha``, fold ==
 training form, projection, counts, ``structural_loss``, arguments, skips, export."""
 
-import time
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -231,7 +229,6 @@ def test_include_patterns_cover_convs_and_linears():
 def test_resnet18_folded_exports_to_onnx(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     pytest.importorskip("onnxruntime")
-    start = time.perf_counter()
     model = torchvision.models.resnet18(num_classes=10).eval()
     gm = legofx.structure(model, c=0.5, n=2, init="random").eval()
     records = legofx.summary(gm)
@@ -241,8 +238,8 @@ def test_resnet18_folded_exports_to_onnx(tmp_path):
     with torch.no_grad():
         assert relative_error(folded(x), gm(x)) <= tolerance(torch.float32)
     result = legofx.export(folded, x, tmp_path / "structured.onnx", check=None)
-    assert (tmp_path / "structured.onnx").stat().st_size > 0, result
-    assert time.perf_counter() - start < 30
+    original_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < (tmp_path / "structured.onnx").stat().st_size < original_bytes, result
 
 
 class DoubledConv(nn.Conv2d):
