@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 import torch
 
 from legofx.cli import add_method_arguments, apply_method, method_settings
 from legofx.deploy import MismatchError, export
+from legofx.lowering import AUTO_BACKENDS
 from legofx.model_spec import build_model, example_input
 from legofx.records import summary
 from legofx.rewrite import fold
@@ -24,11 +26,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     gm = apply_method(model.eval(), args)
     if args.weights:
         gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    folded = fold(gm.eval(), fuse_batchnorm=args.fuse_batchnorm).to(DTYPES[args.dtype])
-    x = example_input(shape, args.seed).to(DTYPES[args.dtype])
-    rewritten = sum(record.rewritten for record in summary(folded))
-    print(f"{args.model}: {args.method} {method_settings(args)}, {rewritten} of "
+    x = example_input(shape, args.seed)
+    folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
+                  backend=args.auto_backend)
+    folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])
+    rewritten = [record for record in summary(folded) if record.rewritten]
+    print(f"{args.model}: {args.method} {method_settings(args)}, {len(rewritten)} of "
           f"{len(summary(folded))} convs rewritten, folded, {args.dtype}, input {tuple(shape)}")
+    if args.strategy == "auto":
+        kinds = Counter(record.lowering.split(" ")[0] for record in rewritten)
+        print(f"lowerings (auto, timed on {args.auto_backend}): "
+              + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())))
     try:
         result = export(folded, x, args.out, check=None if args.check == "none" else args.check)
     except MismatchError as err:
@@ -59,5 +67,12 @@ def add_parser(commands) -> None:
     sub.add_argument("--fuse-batchnorm", action="store_true",
                      help="fold each BatchNorm that follows a folded layer into it "
                           "(fold(..., fuse_batchnorm=True))")
+    sub.add_argument("--strategy", default=None,
+                     help="each layer's lowering (fold's strategy): gather (lego default), "
+                          "accumulate, merge-conv, dense, sum-pool (structured default) or auto "
+                          "(the fastest per layer, timed on the example input)")
+    sub.add_argument("--auto-backend", choices=AUTO_BACKENDS, default="eager",
+                     help="where --strategy auto times the lowerings (default eager; e.g. "
+                          "onnxruntime for an .onnx file)")
     sub.add_argument("--seed", type=int, default=0)
     sub.set_defaults(handler=cmd_export)

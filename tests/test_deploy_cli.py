@@ -49,6 +49,17 @@ def test_export_can_fuse_batchnorms(net_file, tmp_path, capsys):
     assert "BatchNormalization" in ops[0] and "BatchNormalization" not in ops[1]
 
 
+def test_export_can_pick_lowerings_timed_on_onnx_runtime(net_file, tmp_path, capsys):
+    out = tmp_path / "auto.onnx"
+    args = ["export", net_file, "--out", str(out), "--strategy", "auto", "--auto-backend", "onnxruntime"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "lowerings (auto, timed on onnxruntime): " in printed and "export verified" in printed
+    counts = printed.split("lowerings (auto, timed on onnxruntime): ")[1].split("\n")[0]
+    assert sum(int(part.split()[1]) for part in counts.split(", ")) == 2  # both convs timed
+    assert out.exists()
+
+
 def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     from legofx.model_spec import build_model
 
@@ -71,6 +82,9 @@ def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     (["--out", "net.txt"], "must end in .pt2"),
     (["--out", "net.onnx", "--weights", "missing.pt"], "missing.pt"),
     (["--out", "net.onnx", "--o", "0"], "o=0"),
+    (["--out", "net.onnx", "--strategy", "fast"], "strategy='fast'"),
+    (["--out", "net.onnx", "--strategy", "gather", "--auto-backend", "onnxruntime"],
+     "backend='onnxruntime'"),
 ])
 def test_errors_are_reported_not_raised(net_file, args, message, capsys):
     assert main(["export", net_file, *args]) == 2
