@@ -4,6 +4,7 @@
     python benchmarks/speed.py --models resnet18 --backends eager onnxruntime --rounds 5
     python benchmarks/speed.py --sweep               # speed-up vs m for o in {1, 2, 4} (resnet18)
     python benchmarks/speed.py --breakdown           # eager time per op group (profiler)
+    python benchmarks/speed.py --device cuda --backends eager inductor tensorrt   # on a GPU
 
 For each torchvision model (random weights, 224x224, float32, CPU) the original, the
 original with its conv-BatchNorm pairs fused (models with BatchNorm), and the folded Lego
@@ -23,6 +24,10 @@ BN-fused original on the same backend. ``theory`` is the network's MAC ratio ori
 growth of the process's peak resident memory during one eager forward (see
 :func:`peak_growth_mb`). Results: ``results/speed.json``, ``results/speed_memory.json``,
 ``results/speed_sweep.json`` and ``results/speed_sweep.png`` (``--sweep``).
+
+``--device cuda`` runs the latency table and the sweep on the GPU (eager, inductor and, with
+the ``legofx[tensorrt]`` extra, TensorRT; timings wait for the GPU to finish each run) and
+writes ``speed_cuda.json`` / ``speed_sweep_cuda.*``; the memory and profiler views are CPU-only.
 """
 
 from __future__ import annotations
@@ -43,14 +48,15 @@ from legofx.timing import interleaved_times
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
+DEVICE_BACKENDS = {"cpu": ("eager", "inductor", "onnxruntime"), "cuda": ("eager", "inductor", "tensorrt")}
 LOWERINGS = ("gather", "accumulate", "merge-conv", "dense")
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, device: str = "cpu") -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    return torchvision.models.get_model(name, weights=None).eval().to(device)
 
 
 def peak_growth_mb(model: torch.nn.Module, x: torch.Tensor) -> float | None:
@@ -134,7 +140,7 @@ def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
     ``accumulate`` everywhere, ``auto``, and ``auto`` with ``fuse_batchnorm=True``."""
     from torch.fx.experimental.optimization import fuse
 
-    original = build(name)
+    original = build(name, x.device.type)
     gm = legofx.transform(original, o=o, m=m).eval()
     models = {"original": original}
     if has_batchnorm(original):
@@ -186,8 +192,9 @@ def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
     return {name: legofx.compile(model, x, backend=backend, **options) for name, model in models.items()}
 
 
-def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
-    x = torch.randn(BATCH.get(name, 8), 3, 224, 224)
+def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float = 0.5,
+              device: str = "cpu") -> list[dict]:
+    x = torch.randn(BATCH.get(name, 8), 3, 224, 224, device=device)
     models, info = variants(name, o, m, x)
     rows = []
     for backend in backends:
@@ -199,7 +206,8 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
         for variant, samples in times.items():
             median = statistics.median(samples)
             rows.append({
-                "model": name, "batch": x.shape[0], "backend": backend, "variant": variant,
+                "model": name, "batch": x.shape[0], "device": device, "backend": backend,
+                "variant": variant,
                 "median_ms": 1000 * median, "min_ms": 1000 * min(samples),
                 "max_ms": 1000 * max(samples), "speedup": base / median,
                 "speedup_vs_bn_fused": fused / median, "theory": info["theory"][variant],
@@ -271,21 +279,24 @@ def breakdown(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
     return rows
 
 
-def sweep(rounds: int, backends: list[str], out: Path) -> list[dict]:
-    """Speed-up of the gather-folded resnet18 (batch 8) vs m for o in {1, 2, 4}."""
-    x = torch.randn(8, 3, 224, 224)
-    original = build("resnet18")
+def sweep(rounds: int, backends: list[str], out: Path, device: str = "cpu") -> list[dict]:
+    """Speed-up of resnet18 (batch 8) vs m for o in {1, 2, 4}, folded with ``strategy="auto"``
+    (lowerings timed in eager mode on the benchmark's input), beside LegoNet's MAC theory (Lego
+    conv + gather merge; the merge-conv or dense lowerings ``auto`` may pick cost more MACs)."""
+    x = torch.randn(8, 3, 224, 224, device=device)
+    original = build("resnet18", device)
     rows = []
     for o in (1, 2, 4):
         for m in (0.125, 0.25, 0.5):
-            folded = legofx.fold(legofx.transform(original, o=o, m=m).eval())
-            _, before, after = measure_macs(folded, x[:1])
+            gm = legofx.transform(original, o=o, m=m).eval()
+            folded = legofx.fold(gm, "auto", example_inputs=x)
+            _, before, after = measure_macs(legofx.fold(gm, "gather"), x[:1])  # LegoNet's MACs
             for backend in backends:
                 pair = on_backend({"original": original, "lego": folded}, backend, x)
                 times = interleaved_times(pair, x, rounds=rounds, warmup=2)
                 speedup = statistics.median(times["original"]) / statistics.median(times["lego"])
                 rows.append({"o": o, "m": m, "backend": backend, "speedup": speedup,
-                             "theory": before / after})
+                             "theory": before / after, "lowerings": choices(folded)})
                 print(f"o={o} m={m} {backend}: {speedup:.2f}x (theory {before / after:.2f}x)", flush=True)
     import matplotlib
 
@@ -303,20 +314,26 @@ def sweep(rounds: int, backends: list[str], out: Path) -> list[dict]:
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("m (fraction of out_channels)")
-        axis.set_title(f"resnet18 b8, {backend}")
+        axis.set_title(f"resnet18 b8, {device} {backend}, fold strategy auto")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("speed-up vs original (same backend)")
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "speed_sweep.png", dpi=110)
+    figure.savefig(out / f"speed_sweep{suffix(device)}.png", dpi=110)
     return rows
+
+
+def suffix(device: str) -> str:
+    """Result files of a GPU run get their own names (``speed_cuda.json``)."""
+    return "" if device == "cpu" else f"_{device}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(BATCH))
-    parser.add_argument("--backends", nargs="+", default=["eager", "inductor", "onnxruntime"],
-                        choices=["eager", "inductor", "onnxruntime"])
+    parser.add_argument("--device", choices=list(DEVICE_BACKENDS), default="cpu")
+    parser.add_argument("--backends", nargs="+", choices=["eager", "inductor", "onnxruntime", "tensorrt"],
+                        help="default: eager inductor onnxruntime on cpu, eager inductor on cuda")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sweep", action="store_true", help="speed-up vs m for o in {1, 2, 4}")
     parser.add_argument("--memory", action="store_true",
@@ -325,8 +342,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="eager time per op group (torch.profiler) instead of latency")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.backends is None:
+        args.backends = [b for b in DEVICE_BACKENDS[device] if b != "tensorrt"]
+    wrong = [b for b in args.backends if b not in DEVICE_BACKENDS[device]]
+    if wrong:
+        parser.error(f"--backends {' '.join(wrong)}: not run on --device {device} "
+                     f"(choose from {', '.join(DEVICE_BACKENDS[device])})")
+    if device != "cpu" and (args.memory or args.breakdown):
+        parser.error(f"--memory and --breakdown measure CPU memory and CPU profiler time: "
+                     f"drop --device {device}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     if args.memory:
         rows = memory(args.models)
         (args.out / "speed_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
@@ -336,14 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "speed_breakdown.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         return 0
     if args.sweep:
-        rows = sweep(args.rounds, [b for b in args.backends if b != "inductor"], args.out)
-        (args.out / "speed_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        rows = sweep(args.rounds, [b for b in args.backends if b != "inductor"], args.out, device)
+        (args.out / f"speed_sweep{suffix(device)}.json").write_text(
+            json.dumps({**meta, "rows": rows}, indent=1))
         return 0
     rows = []
     for name in args.models:
-        rows += run_model(name, args.backends, args.rounds)
+        rows += run_model(name, args.backends, args.rounds, device=device)
     print("\n" + table(rows))
-    (args.out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    (args.out / f"speed{suffix(device)}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0
 
 

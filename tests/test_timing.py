@@ -1,0 +1,43 @@
+"""legofx.timing: interleaved rounds, and waiting for an accelerator before reading the clock
+(checked here with a tensor that reports a CUDA device and a recording synchronize, so the
+test runs on machines without a GPU)."""
+
+import torch
+
+from legofx.timing import interleaved_times, synchronizer
+
+
+class ReportsCuda(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:1``."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def on_fake_cuda() -> torch.Tensor:
+    return torch.Tensor._make_subclass(ReportsCuda, torch.zeros(2))
+
+
+def test_cpu_inputs_never_synchronize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    synchronizer((torch.zeros(2), [torch.ones(1)], {"a": 3}))()
+    interleaved_times({"a": lambda x: x + 1}, torch.zeros(2), rounds=2)
+    assert calls == []
+
+
+def test_cuda_inputs_wait_for_their_own_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    synchronizer(({"nested": [on_fake_cuda()]},))()
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_every_timed_call_ends_after_the_device_finished(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    models = {name: (lambda x, name=name: events.append(name)) for name in ("a", "b")}
+    times = interleaved_times(models, on_fake_cuda(), rounds=3, warmup=1)
+    assert events == ["a", "b", "sync"] + ["a", "sync", "b", "sync"] * 3
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 3, "b": 3}
