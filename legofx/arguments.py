@@ -122,6 +122,18 @@ def as_input_tuple(example_inputs, tensors_only: bool = False) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
+def nested_tensors(value) -> list[torch.Tensor]:
+    """Every tensor of ``value``: a tensor, or tuples / lists / dicts of them (dicts in sorted key
+    order), in order; anything else holds none."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in nested_tensors(value[key])]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in nested_tensors(item)]
+    return []
+
+
 def smallest_index_dtype(largest: int) -> torch.dtype:
     """The smallest integer dtype that holds ``0..largest`` (what the index is stored in)."""
     for dtype in (torch.uint8, torch.int16, torch.int32):

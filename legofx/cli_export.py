@@ -30,9 +30,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
                   backend=args.auto_backend)
     folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])
-    rewritten = [record for record in summary(folded) if record.rewritten]
+    records = summary(folded)
+    rewritten = [record for record in records if record.rewritten]
     print(f"{args.model}: {args.method} {method_settings(args)}, {len(rewritten)} of "
-          f"{len(summary(folded))} convs rewritten, folded, {args.dtype}, input {tuple(shape)}")
+          f"{len(records)} convs rewritten, folded, {args.dtype}, input {tuple(shape)}")
     if args.strategy == "auto":
         kinds = Counter(record.lowering.split(" ")[0] for record in rewritten)
         print(f"lowerings (auto, timed on {args.auto_backend}): "

@@ -15,23 +15,13 @@ from typing import Callable
 
 import torch
 
+from legofx.arguments import nested_tensors
+
 
 def synchronizer(args) -> Callable[[], None]:
     """What waits for the accelerators holding tensors of ``args`` (nested lists, tuples and
     dicts included) to finish their queued work; on CPU it does nothing."""
-    devices: set[torch.device] = set()
-
-    def visit(value) -> None:
-        if isinstance(value, torch.Tensor):
-            devices.add(value.device)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    visit(args)
+    devices = {tensor.device for tensor in nested_tensors(args)}
     accelerators = sorted((d for d in devices if d.type in ("cuda", "xpu", "mps")), key=str)
 
     def wait() -> None:

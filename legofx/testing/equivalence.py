@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from legofx.arguments import nested_tensors
+
 # float64: the two sides sum the same products in another order; relative rounding is ~1e-16
 # per operation, so 1e-12 leaves a margin of 10^4 for the accumulation.
 TOL64 = 1e-12
@@ -35,17 +37,6 @@ def tolerance(dtype: torch.dtype) -> float:
     return TOL32 if dtype == torch.float32 else TOL16
 
 
-def _tensors(output) -> list[Tensor]:
-    """Every tensor of an output: a tensor, or tuples / lists / dicts of them, in order."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for key in sorted(output, key=str) for t in _tensors(output[key])]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    return []
-
-
 @torch.no_grad()
 def assert_equivalent(a: Callable, b: Callable, inputs, tol: float | None = None) -> float:
     """Assert that ``a`` and ``b`` compute the same function on ``inputs``; return the error.
@@ -64,7 +55,7 @@ def assert_equivalent(a: Callable, b: Callable, inputs, tol: float | None = None
         for f in (a, b):
             if isinstance(f, nn.Module):
                 f.eval()
-        outputs = [_tensors(f(*args)) for f in (a, b)]
+        outputs = [nested_tensors(f(*args)) for f in (a, b)]
     finally:
         for module, training in modes:
             module.train(training)
