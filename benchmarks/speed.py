@@ -14,7 +14,11 @@ input) and with ``auto`` plus ``fuse_batchnorm=True`` run on each backend: eager
 ``torch.compile`` (inductor) and ONNX Runtime (CPU provider; the models go through
 ``legofx.compile``). On inductor and ONNX Runtime one more variant, ``lego auto on
 backend``, picks each layer's lowering by timing it compiled for that backend
-(``fold(..., backend=...)``, BatchNorms fused where the model has them). Timings are
+(``fold(..., backend=...)``, BatchNorms fused where the model has them). On eager and
+inductor (CPU) two more: ``lego fused`` and ``lego fused-grouped`` (``fold(gm, "fused")``,
+the merge as one C kernel, :mod:`legofx.lego_fused`, with the BatchNorms, where the model
+has them, and the ReLUs that follow a layer folded in; not run on ONNX Runtime / TensorRT,
+which do not take its custom op). Timings are
 interleaved: every round runs every variant once, in turn, after warm-up; medians with
 min-max (ONNX Runtime sessions without spinning threads, which would take the cores of the
 session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). Speed-ups are against the original and against the
@@ -28,6 +32,7 @@ growth of the process's peak resident memory during one eager forward (see
 ``--device cuda`` runs the latency table and the sweep on the GPU (eager, inductor and, with
 the ``legofx[tensorrt]`` extra, TensorRT; timings wait for the GPU to finish each run) and
 writes ``speed_cuda.json`` / ``speed_sweep_cuda.*``; the memory and profiler views are CPU-only.
+A run of some models or backends replaces their rows in the result file and keeps the others.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from tabulate import tabulate
 
 import legofx
+from legofx import merge_kernel
 from legofx.onnx_runtime import TAKING_TURNS
 from legofx.report import measure_macs
 from legofx.timing import interleaved_times
@@ -50,6 +56,8 @@ RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
 DEVICE_BACKENDS = {"cpu": ("eager", "inductor", "onnxruntime"), "cuda": ("eager", "inductor", "tensorrt")}
 LOWERINGS = ("gather", "accumulate", "merge-conv", "dense")
+FUSED = ("fused", "fused-grouped")  # with the model's BatchNorms (if any) and ReLUs folded in
+EXPORTED = ("onnxruntime", "tensorrt")
 
 
 def build(name: str, device: str = "cpu") -> torch.nn.Module:
@@ -151,6 +159,9 @@ def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
     if has_batchnorm(original):
         models["lego auto, BN fused"] = legofx.fold(gm, "auto", example_inputs=x,
                                                     fuse_batchnorm=True)
+    if x.device.type == "cpu" and merge_kernel.available() is None:
+        for strategy in FUSED:
+            models[f"lego {strategy}"] = legofx.fold(gm, strategy, fuse_batchnorm=has_batchnorm(original))
     macs = {variant: measure_macs(model, x[:1])[1:] for variant, model in models.items()
             if variant.startswith("lego")}
     base = macs["lego gather"][0]  # the original's MACs (BN fusion does not change them)
@@ -188,6 +199,8 @@ def timed_on_backend(models: dict, info: dict, backend: str, x: torch.Tensor) ->
 def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
     if backend == "eager":
         return models
+    if backend in EXPORTED:  # the fused lowerings' custom op does not export
+        models = {name: model for name, model in models.items() if not name.startswith("lego fused")}
     options = {"session_config": TAKING_TURNS} if backend == "onnxruntime" else {}
     return {name: legofx.compile(model, x, backend=backend, **options) for name, model in models.items()}
 
@@ -374,8 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows += run_model(name, args.backends, args.rounds, device=device)
     print("\n" + table(rows))
-    (args.out / f"speed{suffix(device)}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    path = args.out / f"speed{suffix(device)}.json"
+    path.write_text(json.dumps({**meta, "rows": kept_rows(path, rows) + rows}, indent=1))
     return 0
+
+
+def kept_rows(path: Path, new: list[dict]) -> list[dict]:
+    """The rows of an earlier result file that this run did not measure again (other models,
+    or other backends of the same model), each still carrying its own ``rounds``."""
+    if not path.exists():
+        return []
+    measured = {(r["model"], r.get("backend")) for r in new}
+    return [r for r in json.loads(path.read_text())["rows"]
+            if (r["model"], r.get("backend")) not in measured]
 
 
 if __name__ == "__main__":

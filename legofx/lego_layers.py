@@ -35,14 +35,22 @@ def split_fragments(x: Tensor, o: int) -> Tensor:
     return x.unflatten(1, (o, -1)).flatten(0, 1)
 
 
+def padded(x: Tensor, conv: dict) -> tuple[Tensor, tuple | str | int]:
+    """``x`` and the padding to convolve it with: a non-zero padding mode pads explicitly."""
+    if conv["padding_mode"] == "zeros":
+        return x, conv["padding"]
+    return F.pad(x, conv["pad"], mode=conv["padding_mode"]), 0
+
+
+def convolve_batch(frags: Tensor, lego: Tensor, conv: dict) -> Tensor:
+    """The fragments ``(N*o, c/o, H, W)`` convolved with the Lego filters: ``(N*o, m, H', W')``."""
+    frags, padding = padded(frags, conv)
+    return F.conv2d(frags, lego, None, conv["stride"], padding, conv["dilation"])
+
+
 def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict) -> Tensor:
     """Every fragment convolved with every Lego filter, as ``(N, o*m, H', W')``."""
-    padding = conv["padding"]
-    if conv["padding_mode"] != "zeros":
-        frags = F.pad(frags, conv["pad"], mode=conv["padding_mode"])
-        padding = 0
-    maps = F.conv2d(frags, lego, None, conv["stride"], padding, conv["dilation"])
-    return maps.unflatten(0, (-1, o)).flatten(1, 2)
+    return convolve_batch(frags, lego, conv).unflatten(0, (-1, o)).flatten(1, 2)
 
 
 def straight_through_onehot(proxy: Tensor, m: int) -> Tensor:
@@ -234,16 +242,20 @@ class LegoConv2d(_LegoLayer):
         tensors, a merge with fewer memory passes for eager mode, :mod:`legofx.lego_accumulate`),
         ``"merge-conv"`` (the merge as a 1x1 conv, :mod:`legofx.lego_merge_conv`) and
         ``"dense"`` (:class:`~legofx.dense_form.DenseFoldedConv2d`, the reconstructed weight as
-        one conv);
+        one conv), ``"fused"`` and ``"fused-grouped"`` (the merge as one C kernel,
+        :mod:`legofx.lego_fused`; only when asked for by name, never by ``"auto"``);
         ``index_dtype``: the gather index's dtype, or ``"smallest"``."""
         from legofx.lego_accumulate import AccumulateLegoConv2d  # these import this module
+        from legofx.lego_fused import FusedLegoConv2d
         from legofx.lego_merge_conv import MergeConvLegoConv2d
 
         index_dtype = check_index_dtype(index_dtype, self.o * self.m - 1)
         return {"gather": lambda: FoldedLegoConv2d(self, index_dtype),
                 "accumulate": lambda: AccumulateLegoConv2d(self, index_dtype),
                 "merge-conv": lambda: MergeConvLegoConv2d(self),
-                "dense": lambda: DenseFoldedConv2d(self)}
+                "dense": lambda: DenseFoldedConv2d(self),
+                "fused": lambda: FusedLegoConv2d(self, index_dtype),
+                "fused-grouped": lambda: FusedLegoConv2d(self, index_dtype, grouped=True)}
 
 
 class FoldedLegoConv2d(_LegoLayer):

@@ -4,7 +4,8 @@ A training-form layer offers its lowerings (``RewrittenLayer.lowerings``: name -
 the default first). ``strategy=None`` takes each layer's default; a name takes that lowering
 wherever a layer offers it; ``"auto"`` builds every lowering of a layer and keeps the one
 that runs fastest on the input the layer actually receives from ``example_inputs``, on this
-machine, in eager mode or compiled for the backend the model will run on (``backend=``).
+machine, in eager mode or compiled for the backend the model will run on (``backend=``),
+among the lowerings every backend takes (not ``"fused"``, a custom op: ask for it by name).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from legofx.onnx_runtime import TAKING_TURNS
 from legofx.timing import interleaved_times, median_ms
 
 AUTO_BACKENDS = ("eager", *BACKENDS)
+BY_NAME_ONLY = ("fused", "fused-grouped")  # custom-op lowerings: "auto" keeps to what every backend takes
 
 
 def check_backend(backend, strategy) -> None:
@@ -81,6 +83,7 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
     default = next(iter(builders.values()))
     if strategy != "auto":
         return builders.get(strategy, default)()
+    builders = {name: build for name, build in builders.items() if name not in BY_NAME_ONLY}
     if example is None or len(builders) == 1:
         return default()
     candidates = {name: build() for name, build in builders.items()}

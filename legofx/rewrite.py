@@ -16,6 +16,7 @@ from legofx.arguments import Patterns, as_input_tuple, check_index_dtype, check_
 from legofx.fuse_batchnorm import absorb_batchnorm
 from legofx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.layer_base import RewrittenLayer
+from legofx.lego_fused import absorb_relu
 from legofx.lowering import check_backend, check_strategy, layer_inputs, lower
 from legofx.progress import progress
 from legofx.records import LayerRecord, skipped_record, store_records, stored_records
@@ -199,7 +200,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         strategy: how each layer computes (see :mod:`legofx.lowering`): ``None`` is each
             layer's default (Lego: ``"gather"``); ``"dense"`` (Lego) runs the reconstructed
             dense weight as one conv; ``"auto"`` times every lowering of each layer on its
-            input from ``example_inputs`` (required) and keeps the fastest. ``summary`` and
+            input from ``example_inputs`` (required) and keeps the fastest. ``"fused"`` (Lego;
+            eager) and ``"fused-grouped"`` (torch.compile) run the merge as one C kernel
+            (:mod:`legofx.lego_fused`) with the ReLU that follows a layer folded in: the
+            fastest on CPU, not exportable to ONNX / TensorRT, never chosen by ``"auto"``. ``summary`` and
             ``report`` show the lowering of every layer.
         example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
         index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
@@ -239,7 +243,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
               for name, module in timed}
     passes.swap_modules(gm, folded)
     if fuse_batchnorm:
-        _fuse_batchnorms(gm)
+        _absorb_followers(gm, absorb_batchnorm)
+    _absorb_followers(gm, absorb_relu)  # only fused layers take a ReLU in
     new = {id(layer) for layer in folded.values()}
     for graph_module in graph_modules(gm):
         passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
@@ -247,9 +252,9 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     return gm
 
 
-def _fuse_batchnorms(model: nn.Module) -> None:
-    """:func:`legofx.fuse_batchnorm.absorb_batchnorm` in every graph of ``model``, for layers
-    that are not shared (registered once in the model)."""
+def _absorb_followers(model: nn.Module, absorb) -> None:
+    """:func:`passes.absorb_followers` with ``absorb`` (``absorb_batchnorm``, ``absorb_relu``)
+    in every graph of ``model``, for layers that are not shared (registered once in the model)."""
     counts: dict[int, int] = {}
     for module in model.modules(remove_duplicate=False):
         counts[id(module)] = counts.get(id(module), 0) + 1
@@ -257,7 +262,7 @@ def _fuse_batchnorms(model: nn.Module) -> None:
         if isinstance(graph_module, fx.GraphModule):
             scope = f"{prefix}." if prefix else ""
             passes.absorb_followers(graph_module, lambda a, layer, b, bn: (
-                counts[id(layer)] == 1 and absorb_batchnorm(scope + a, layer, scope + b, bn)))
+                counts[id(layer)] == 1 and absorb(scope + a, layer, scope + b, bn)))
 
 
 def _training_tensors(model: nn.Module) -> list:

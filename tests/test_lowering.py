@@ -9,6 +9,7 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx.lego_accumulate import AccumulateLegoConv2d
+from legofx.lego_fused import FusedLegoConv2d
 from legofx.lego_layers import FoldedLegoConv2d
 from legofx.lego_merge_conv import MergeConvLegoConv2d
 from legofx.arguments import smallest_index_dtype
@@ -23,7 +24,8 @@ def transformed(case, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@given(data=st.data(), strategy=st.sampled_from(["gather", "accumulate", "merge-conv", "dense", "auto"]),
+@given(data=st.data(), strategy=st.sampled_from(["gather", "accumulate", "merge-conv", "dense", "auto",
+                                                 "fused", "fused-grouped"]),
        index_dtype=st.sampled_from([torch.int64, torch.int32, "smallest"]))
 def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dtype):
     case = data.draw(conv_cases(dtype=dtype))
@@ -32,7 +34,11 @@ def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dt
     layer = folded.get_submodule("0")
     kinds = {"gather": FoldedLegoConv2d, "accumulate": AccumulateLegoConv2d,
              "merge-conv": MergeConvLegoConv2d, "dense": DenseFoldedConv2d}
-    assert type(layer) in ([kinds[strategy]] if strategy in kinds else kinds.values())
+    fused = {"fused": False, "fused-grouped": True}
+    if strategy in fused:
+        assert type(layer) is FusedLegoConv2d and layer.grouped == fused[strategy]
+    else:  # auto never picks a fused lowering
+        assert type(layer) in ([kinds[strategy]] if strategy in kinds else kinds.values())
     assert torch.allclose(layer.weight, gm.get_submodule("0").reconstruct_weight(),
                           rtol=0, atol=tolerance(dtype))
     with torch.no_grad():
@@ -43,7 +49,7 @@ def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dt
 
 @settings(max_examples=10)
 @given(net_x=networks(data_dependent=False),
-       strategy=st.sampled_from(["accumulate", "merge-conv", "dense", "auto"]))
+       strategy=st.sampled_from(["accumulate", "merge-conv", "dense", "auto", "fused", "fused-grouped"]))
 def test_whole_networks_fold_under_every_strategy(net_x, strategy):
     net, x = net_x
     gm = legofx.transform(net, o=2, m=2).eval()
