@@ -161,13 +161,12 @@ def lego_merge(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None, r
     pointers = (maps.data_ptr(), index.data_ptr(), coef.data_ptr(),
                 None if bias is None else bias.data_ptr(), out.data_ptr())
     sizes = (images, height * width, n, o, m)
-    suffix = KERNEL_DTYPES[maps.dtype]
-    if _rows(maps):  # strides of a fragment and of a pixel, in elements
-        strides = (m, o * m) if grouped else (height * width * m, m)
-        getattr(library(), f"lego_merge_rows_{suffix}")(*pointers, *sizes, *strides, int(relu),
-                                               torch.get_num_threads())
+    if _rows(maps):  # and the strides of a fragment and of a pixel, in elements
+        layout, sizes = "rows", sizes + ((m, o * m) if grouped else (height * width * m, m))
     else:
-        getattr(library(), f"lego_merge_planes_{suffix}")(*pointers, *sizes, int(relu), torch.get_num_threads())
+        layout = "planes"
+    kernel = getattr(library(), f"lego_merge_{layout}_{KERNEL_DTYPES[maps.dtype]}")
+    kernel(*pointers, *sizes, int(relu), torch.get_num_threads())
     return out
 
 
