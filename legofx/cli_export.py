@@ -10,7 +10,7 @@ import torch
 
 from legofx.cli import add_method_arguments, apply_method, method_settings
 from legofx.deploy import MismatchError, export
-from legofx.lowering import AUTO_BACKENDS
+from legofx.lowering import AUTO_BACKENDS, BY_NAME_ONLY
 from legofx.model_spec import build_model, example_input
 from legofx.records import summary
 from legofx.rewrite import fold
@@ -27,6 +27,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.weights:
         gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     x = example_input(shape, args.seed)
+    if args.strategy in BY_NAME_ONLY:
+        raise ValueError(f"--strategy {args.strategy}: its merge is a legofx custom op, which ONNX "
+                         f"and TensorRT do not take; export with gather, accumulate, merge-conv, "
+                         f"dense or auto, and run {args.strategy!r} in PyTorch "
+                         f"(legofx.fold(gm, {args.strategy!r}), eager or torch.compile)")
     folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
                   backend=args.auto_backend)
     folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])
@@ -71,7 +76,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--strategy", default=None,
                      help="each layer's lowering (fold's strategy): gather (lego default), "
                           "accumulate, merge-conv, dense, sum-pool (structured default) or auto "
-                          "(the fastest per layer, timed on the example input)")
+                          "(the fastest per layer, timed on the example input); not fused / "
+                          "fused-grouped, whose custom op ONNX and TensorRT do not take")
     sub.add_argument("--auto-backend", choices=AUTO_BACKENDS, default="eager",
                      help="where --strategy auto times the lowerings (default eager; e.g. "
                           "onnxruntime for an .onnx file)")

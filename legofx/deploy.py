@@ -77,6 +77,17 @@ def require_inference_form(model: nn.Module) -> None:
         raise ValueError("the model is in training mode: call model.eval() first")
 
 
+def require_standard_ops(model: nn.Module, where: str) -> None:
+    """Refuse layers lowered with a legofx custom op (``"fused"``) for ONNX / TensorRT."""
+    custom = [name for name, m in model.named_modules()
+              if isinstance(m, RewrittenLayer) and not m.standard_ops]
+    if custom:
+        shown = ", ".join(custom[:5]) + (f" and {len(custom) - 5} more" if len(custom) > 5 else "")
+        raise ValueError(f"{where} does not take the legofx custom op of the fused lowerings "
+                         f"({shown}): fold with strategy gather, accumulate, merge-conv, dense "
+                         f"or auto for it, and run fused models in PyTorch or torch.compile")
+
+
 def model_dtype(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> torch.dtype:
     """The floating-point dtype the model computes in (its first floating tensor's)."""
     for tensor in [*model.parameters(), *model.buffers(), *inputs]:
@@ -158,6 +169,8 @@ def export(model: nn.Module, example_inputs, path, *, check: str | None = "tenso
     if check not in ("tensorrt", None):
         raise ValueError(f"check must be 'tensorrt' or None, got check={check!r}")
     require_inference_form(model)
+    if kind == "onnx":
+        require_standard_ops(model, "ONNX")
     inputs = as_input_tuple(example_inputs, tensors_only=True)
     program = export_program(model, inputs, dynamic_batch)
     ops = check_program(program, model) if check else None
@@ -196,6 +209,8 @@ def compile(model: nn.Module, example_inputs, backend: str = "inductor", *,  # n
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got backend={backend!r}")
     require_inference_form(model)
+    if backend != "inductor":
+        require_standard_ops(model, {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}[backend])
     inputs = as_input_tuple(example_inputs, tensors_only=True)
     dtype = model_dtype(model, inputs)
     if backend == "inductor":

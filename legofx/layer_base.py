@@ -45,6 +45,7 @@ class RewrittenLayer(nn.Module):
     form: str
     lowering: str = ""
     inline = True  # whether the inline pass expands its compute() into graph nodes
+    standard_ops = True  # False: computes with a legofx custom op (no ONNX / TensorRT)
     per_output: str | None = None  # folded forms: the tensor (dim 0 = output channel) the
     # output is linear in, besides the bias; fold(fuse_batchnorm=True) scales its rows
 

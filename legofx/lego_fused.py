@@ -35,6 +35,8 @@ class FusedLegoConv2d(FoldedLegoConv2d):
     under torch.compile, whose channels-last tensors make the split a copy.
     """
 
+    standard_ops = False
+
     def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64,
                  grouped: bool = False) -> None:
         reason = merge_kernel.available()

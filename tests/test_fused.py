@@ -167,3 +167,13 @@ def test_fused_models_are_refused_by_the_tensorrt_op_check():
     folded = legofx.fold(trained_block(nn.ReLU()), "fused")
     report = legofx.check_ops(folded, torch.randn(1, 8, 8, 8))
     assert any("lego_merge" in str(op) for op in report.unsupported), report
+
+
+def test_fused_models_are_refused_for_onnx_with_the_reason(tmp_path):
+    folded = legofx.fold(trained_block(nn.ReLU()), "fused-grouped")
+    x = torch.randn(1, 8, 8, 8)
+    for attempt in (lambda: legofx.export(folded, x, tmp_path / "m.onnx", check=None),
+                    lambda: legofx.compile(folded, x, "onnxruntime")):
+        with pytest.raises(ValueError, match=r"ONNX.*custom op.*\(conv1, conv2, conv3\)"):
+            attempt()
+    assert not list(tmp_path.iterdir())
