@@ -203,8 +203,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
             input from ``example_inputs`` (required) and keeps the fastest. ``"fused"`` (Lego;
             eager) and ``"fused-grouped"`` (torch.compile) run the merge as one C kernel
             (:mod:`legofx.lego_fused`) with the ReLU that follows a layer folded in: the
-            fastest on CPU, not exportable to ONNX / TensorRT, never chosen by ``"auto"``. ``summary`` and
-            ``report`` show the lowering of every layer.
+            fastest on CPU, not exportable to ONNX / TensorRT, never chosen by ``"auto"``.
+            ``summary`` and ``report`` show the lowering of every layer.
         example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
         index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
             dtype that holds ``o*m - 1``, or ``"smallest"`` (uint8 when ``o*m <= 256``).

@@ -12,8 +12,9 @@ One pass per file:
   tagged nodes (split / Lego conv / merge ...).
 - :func:`collapse_regions` (``collapse_regions``): the inverse: turn tagged regions back into
   one ``call_module`` node each.
-- :func:`absorb_followers` (``absorb_followers``): fold a module call into the call before it
-  (a BatchNorm into the layer that feeds it), as a given function decides.
+- :func:`absorb_followers` (``absorb_followers``): fold a module or function call into the
+  module call before it (a BatchNorm or a ReLU into the layer that feeds it), as a given
+  function decides.
 """
 
 from passes.absorb_followers import absorb_followers

@@ -1,4 +1,5 @@
-"""Pass: fold a module or function call into the module call before it (``conv -> bn`` becomes ``conv``)."""
+"""Pass: fold a module or function call into the module call before it (``conv -> bn`` becomes
+``conv``, ``conv -> relu`` a conv that applies the ReLU)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def absorb_followers(gm: fx.GraphModule,
                 or calls[first.target] != 1:
             continue
         is_module = node.op == "call_module"
-        b_name, b = (node.target, gm.get_submodule(node.target)) if is_module else (node.name, node.target)
+        b_name, b = ((node.target, gm.get_submodule(node.target)) if is_module
+                     else (node.name, node.target))
         if not absorb(first.target, gm.get_submodule(first.target), b_name, b):
             continue
         node.replace_all_uses_with(first)
