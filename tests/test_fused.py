@@ -23,12 +23,14 @@ def merges(draw, dtype=torch.float64):
     images, o, m, n = (draw(st.integers(1, 3)), draw(st.integers(1, 3)),
                        draw(st.integers(1, 20)), draw(st.integers(1, 20)))
     height, width = draw(st.integers(1, 11)), draw(st.integers(1, 11))
-    grouped, channels_last = draw(st.booleans()), draw(st.booleans())
+    grouped, layout = draw(st.booleans()), draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     shape = (images, o * m, height, width) if grouped else (images * o, m, height, width)
     maps = torch.randn(shape, generator=generator, dtype=dtype)
-    if channels_last:
+    if layout == "channels_last":
         maps = maps.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider tensor: neither layout
+        maps = torch.randn(*shape[:3], 2 * width, generator=generator, dtype=dtype)[..., ::2]
     index = (torch.randint(0, m, (n, o), generator=generator) + torch.arange(o) * m).flatten()
     coef = torch.randn(n, o, generator=generator, dtype=dtype)
     bias = torch.randn(n, generator=generator, dtype=dtype) if draw(st.booleans()) else None
