@@ -15,10 +15,10 @@ input) and with ``auto`` plus ``fuse_batchnorm=True`` run on each backend: eager
 ``legofx.compile``). On inductor and ONNX Runtime one more variant, ``lego auto on
 backend``, picks each layer's lowering by timing it compiled for that backend
 (``fold(..., backend=...)``, BatchNorms fused where the model has them). On eager and
-inductor (CPU) two more: ``lego fused`` and ``lego fused-grouped`` (``fold(gm, "fused")``,
-the merge as one C kernel, :mod:`legofx.lego_fused`, with the BatchNorms, where the model
-has them, and the ReLUs that follow a layer folded in; not run on ONNX Runtime / TensorRT,
-which do not take its custom op). Timings are
+inductor (CPU) one more: ``lego fused`` (``fold(gm, "fused")``, Lego conv and merge as one
+operator with a C kernel, :mod:`legofx.lego_fused`, with the BatchNorms, where the model has
+them, and the ReLUs that follow a layer folded in; not run on ONNX Runtime / TensorRT, which
+do not take its custom op). Timings are
 interleaved: every round runs every variant once, in turn, after warm-up; medians with
 min-max (ONNX Runtime sessions without spinning threads, which would take the cores of the
 session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). Speed-ups are against the original and against the
@@ -56,7 +56,7 @@ RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
 DEVICE_BACKENDS = {"cpu": ("eager", "inductor", "onnxruntime"), "cuda": ("eager", "inductor", "tensorrt")}
 LOWERINGS = ("gather", "accumulate", "merge-conv", "dense")
-FUSED = ("fused", "fused-grouped")  # with the model's BatchNorms (if any) and ReLUs folded in
+FUSED = ("fused",)  # with the model's BatchNorms (if any) and ReLUs folded in
 EXPORTED = ("onnxruntime", "tensorrt")
 
 

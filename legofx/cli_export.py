@@ -76,8 +76,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--strategy", default=None,
                      help="each layer's lowering (fold's strategy): gather (lego default), "
                           "accumulate, merge-conv, dense, sum-pool (structured default) or auto "
-                          "(the fastest per layer, timed on the example input); not fused / "
-                          "fused-grouped, whose custom op ONNX and TensorRT do not take")
+                          "(the fastest per layer, timed on the example input); not fused, "
+                          "whose custom op ONNX and TensorRT do not take")
     sub.add_argument("--auto-backend", choices=AUTO_BACKENDS, default="eager",
                      help="where --strategy auto times the lowerings (default eager; e.g. "
                           "onnxruntime for an .onnx file)")

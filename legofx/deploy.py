@@ -83,7 +83,7 @@ def require_standard_ops(model: nn.Module, where: str) -> None:
               if isinstance(m, RewrittenLayer) and not m.standard_ops]
     if custom:
         shown = ", ".join(custom[:5]) + (f" and {len(custom) - 5} more" if len(custom) > 5 else "")
-        raise ValueError(f"{where} does not take the legofx custom op of the fused lowerings "
+        raise ValueError(f"{where} does not take the legofx custom op of the fused lowering "
                          f"({shown}): fold with strategy gather, accumulate, merge-conv, dense "
                          f"or auto for it, and run fused models in PyTorch or torch.compile")
 

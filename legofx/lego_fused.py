@@ -1,75 +1,70 @@
-"""The ``"fused"`` lowering of a Lego layer: split, Lego conv, and the merge as one kernel.
+"""The ``"fused"`` lowering of a Lego layer: Lego conv and merge in one operator.
 
-Two lowerings, ``"fused"`` and ``"fused-grouped"`` (how the Lego conv runs: see
-:class:`FusedLegoConv2d`). The merge (gather the selected Lego feature maps, scale, sum over
-fragments, add the bias) is
-``torch.ops.legofx.lego_merge`` (:mod:`legofx.merge_kernel`): one pass that reads the Lego
-conv's output where it lies and writes the layer's output, with a ReLU that follows the layer
-folded in (``fold`` does this: ``relu=True``, named in the layer's ``lowering``). PyTorch's
-``index_select`` / multiply / sum take 3 or more passes, and torch.compile's generated gather
-reads channels-last maps one element at a time.
+The layer runs as ``torch.ops.legofx.lego_conv_merge`` (:mod:`legofx.merge_kernel`): PyTorch's
+conv with the Lego filters (one conv with ``groups=o``, channels-last), then a C kernel that
+gathers the selected Lego feature maps, scales, sums over fragments and adds the bias in one pass
+over memory, with a ReLU that follows the layer folded in (``fold`` does this: ``relu=True``,
+named in the layer's ``lowering``), writing over the conv's output where the sizes allow
+(``o*m == n``). PyTorch's ``index_select`` / multiply / sum take 3 or more passes and allocate
+each result, and torch.compile's generated gather reads channels-last maps one element at a
+time.
 
 It keeps the gather form's tensors (``lego``, ``coef``, ``bias``, ``index``: the same
-state_dict) and its function. Ask for it by name, ``fold(gm, strategy="fused")`` (or
-``"fused-grouped"``): it runs in eager PyTorch and under torch.compile, but ``torch.export``
-keeps the custom op, which ONNX and TensorRT do not take, so ``strategy="auto"`` never picks it.
+state_dict) and its function. Ask for it by name, ``fold(gm, strategy="fused")``: it runs in
+eager PyTorch and under torch.compile, but ``torch.export`` keeps the custom op, which ONNX and
+TensorRT do not take, so ``strategy="auto"`` never picks it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from legofx import merge_kernel
-from legofx.lego_layers import FoldedLegoConv2d, LegoConv2d, convolve_batch, padded, split_fragments
+from legofx.lego_layers import FoldedLegoConv2d, LegoConv2d
 
 
 class FusedLegoConv2d(FoldedLegoConv2d):
     """Inference form with the gather form's tensors; ``relu``: a following ReLU folded in.
 
-    ``grouped=False`` (``"fused"``) convolves the fragments folded into the batch axis, as the
-    other lowerings do: best in eager PyTorch, where that split is a free view of a contiguous
-    input. ``grouped=True`` (``"fused-grouped"``) runs the Lego conv as one conv with
-    ``groups=o`` and the Lego filters repeated ``o`` times: no split at all, which is best
-    under torch.compile, whose channels-last tensors make the split a copy.
-    """
+    The input is made channels-last in the graph, before the operator, so that torch.compile
+    writes it that way where it is computed instead of copying it."""
 
     standard_ops = False
+    lowering = "fused (grouped conv, C merge kernel, channels-last)"
 
-    def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64,
-                 grouped: bool = False) -> None:
+    def __init__(self, trained: LegoConv2d, index_dtype: torch.dtype = torch.int64) -> None:
         reason = merge_kernel.available()
         if reason is not None:
-            name = "fused-grouped" if grouped else "fused"
-            raise merge_kernel.KernelUnavailable(f"strategy={name!r} needs the legofx merge kernel: {reason}")
+            raise merge_kernel.KernelUnavailable(f"strategy='fused' needs the legofx merge kernel: {reason}")
         super().__init__(trained, index_dtype)
-        self.grouped, self.relu = grouped, False
-        conv = "grouped conv" if grouped else "fragments in the batch"
-        self.lowering = f"fused ({conv}, C merge kernel)"
+        self.relu = False
 
     def compute(self, x, attr, stage):
-        if self.grouped:
-            with stage("lego_conv"):
-                maps = convolve_grouped(x, attr("lego"), self.o, self.geometry)
-        else:
-            with stage("split"):
-                frags = split_fragments(x, self.o)
-            with stage("lego_conv"):
-                maps = convolve_batch(frags, attr("lego"), self.geometry)
-        with stage("merge"):
-            return torch.ops.legofx.lego_merge.default(maps, self._index(attr), attr("coef"),
-                                                       attr("bias"), self.relu, self.grouped)
+        pad, padding = explicit_padding(self.geometry)
+        if pad is not None:
+            with stage("pad"):
+                x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        with stage("lego_conv_merge"):
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.ops.legofx.lego_conv_merge.default(
+                x, attr("lego"), self._index(attr), attr("coef"), attr("bias"), list(self.stride),
+                padding, list(self.dilation), self.relu)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", grouped={self.grouped}, relu={self.relu}"
+        return super().extra_repr() + f", relu={self.relu}"
 
 
-def convolve_grouped(x: Tensor, lego: Tensor, o: int, conv: dict) -> Tensor:
-    """``(N, c, H, W)`` convolved fragment by fragment with the Lego filters in one conv with
-    ``groups=o``: ``(N, o*m, H', W')``, channel ``i*m + k`` (fragment ``i``, filter ``k``)."""
-    x, padding = padded(x, conv)
-    return F.conv2d(x, lego.repeat(o, 1, 1, 1), None, conv["stride"], padding, conv["dilation"], o)
+def explicit_padding(conv: dict) -> tuple[tuple | None, list[int]]:
+    """How the fused op pads: ``(None, [top, left])`` where the conv itself can (zero padding,
+    the same on both sides), else ``(pad, [0, 0])``: ``F.pad`` with the layer's
+    ``(left, right, top, bottom)`` first (other padding modes, ``padding='same'`` with an even
+    kernel)."""
+    left, right, top, bottom = conv["pad"]
+    if conv["padding_mode"] == "zeros" and left == right and top == bottom:
+        return None, [top, left]
+    return conv["pad"], [0, 0]
 
 
 def is_relu(module_or_function) -> bool:

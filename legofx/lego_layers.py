@@ -242,7 +242,7 @@ class LegoConv2d(_LegoLayer):
         tensors, a merge with fewer memory passes for eager mode, :mod:`legofx.lego_accumulate`),
         ``"merge-conv"`` (the merge as a 1x1 conv, :mod:`legofx.lego_merge_conv`) and
         ``"dense"`` (:class:`~legofx.dense_form.DenseFoldedConv2d`, the reconstructed weight as
-        one conv), ``"fused"`` and ``"fused-grouped"`` (the merge as one C kernel,
+        one conv), ``"fused"`` (Lego conv and merge as one operator with a C kernel,
         :mod:`legofx.lego_fused`; only when asked for by name, never by ``"auto"``);
         ``index_dtype``: the gather index's dtype, or ``"smallest"``."""
         from legofx.lego_accumulate import AccumulateLegoConv2d  # these import this module
@@ -254,8 +254,7 @@ class LegoConv2d(_LegoLayer):
                 "accumulate": lambda: AccumulateLegoConv2d(self, index_dtype),
                 "merge-conv": lambda: MergeConvLegoConv2d(self),
                 "dense": lambda: DenseFoldedConv2d(self),
-                "fused": lambda: FusedLegoConv2d(self, index_dtype),
-                "fused-grouped": lambda: FusedLegoConv2d(self, index_dtype, grouped=True)}
+                "fused": lambda: FusedLegoConv2d(self, index_dtype)}
 
 
 class FoldedLegoConv2d(_LegoLayer):

@@ -20,7 +20,7 @@ from legofx.onnx_runtime import TAKING_TURNS
 from legofx.timing import interleaved_times, median_ms
 
 AUTO_BACKENDS = ("eager", *BACKENDS)
-BY_NAME_ONLY = ("fused", "fused-grouped")  # custom-op lowerings: "auto" keeps to what every backend takes
+BY_NAME_ONLY = ("fused",)  # the custom-op lowering: "auto" keeps to what every backend takes
 
 
 def check_backend(backend, strategy) -> None:

@@ -1,20 +1,24 @@
-"""The fused Lego merge as a PyTorch operator: ``torch.ops.legofx.lego_merge``.
+"""The fused Lego layer as a PyTorch operator: ``torch.ops.legofx.lego_conv_merge``.
 
-``lego_merge(maps, index, coef, bias, relu, grouped)`` computes what the gather lowering's merge
-does, ``out[:, j] = sum_i coef[j, i] * maps[:, index[j*o + i]] + bias[j]`` (then ``relu`` when
-asked), reading the Lego conv's output directly, in one pass over memory: ``maps`` is
-``(N*o, m, H, W)`` (fragments folded into the batch) or, with ``grouped``, ``(N, o*m, H, W)``
-(a conv with ``groups=o``), in the layout it comes in (channels-last, as torch.compile's
-convolutions give it, or contiguous); the output has the same layout.
+``lego_conv_merge(x, lego, index, coef, bias, stride, padding, dilation, relu)`` computes what the
+gather lowering does, Lego conv then merge: ``maps = conv(fragment i of x, lego)`` and
+``out[:, j] = sum_i coef[j, i] * maps[i, k(j, i)] + bias[j]`` (then ``relu`` when asked), with
+``index[j*o + i] = i*m + k(j, i)``. It works channels-last, the layout oneDNN's CPU convolutions
+and torch.compile's layout optimization prefer: the Lego conv is PyTorch's, one conv with
+``groups=o`` and the Lego filters repeated ``o`` times (the repeat is kept between calls while
+the filters do not change), and the merge a C kernel (``lego_merge.c``) that reads each pixel's
+``o*m`` maps and writes its ``n`` channels in one pass, over the conv's output when the sizes
+allow (``o*m == n``, e.g. o=2, m=0.5): the layer allocates one tensor, as the conv it replaced
+did. The output is channels-last; a contiguous input is converted first.
 
-On CPU for float32 / float64 it runs a C kernel (``lego_merge.c``), compiled on first use with
-the machine's C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``, the compiler torch.compile's
-CPU backend needs as well; OpenMP, ``-march=native``) and cached in ``$LEGOFX_CACHE_DIR`` or
-``~/.cache/legofx``. Elsewhere (GPU tensors, other dtypes) it computes the same function with
-PyTorch ops. Under ``torch.compile`` it is one opaque call between inductor's kernels, which may
-hand it either layout (``flexible_layout``); ``torch.export`` keeps it as a custom op, which
-ONNX and TensorRT do not know: the ``"fused"`` lowering is for eager PyTorch and torch.compile.
-Gradients flow through it (recomputed with PyTorch ops), so a fused model can be fine-tuned.
+On CPU for float32 / float64 the kernel is compiled on first use with the machine's C compiler
+(``$CC``, ``cc``, ``gcc`` or ``clang``, the compiler torch.compile's CPU backend needs as well;
+OpenMP, ``-march=native``) and cached in ``$LEGOFX_CACHE_DIR`` or ``~/.cache/legofx``. Elsewhere
+(GPU tensors, other dtypes) the op computes the same function with PyTorch ops. Under
+``torch.compile`` it is one opaque call between inductor's kernels, as inductor's own CPU
+convolutions are; ``torch.export`` keeps it as a custom op, which ONNX and TensorRT do not know:
+the ``"fused"`` lowering is for eager PyTorch and torch.compile. Gradients flow through it
+(recomputed with PyTorch ops), so a fused model can be fine-tuned.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("lego_merge.c")
@@ -97,12 +103,10 @@ def library() -> ctypes.CDLL:
     if _library is None:
         lib = ctypes.CDLL(str(build()))
         pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for layout in ("rows", "planes"):
-            for suffix in KERNEL_DTYPES.values():
-                function = getattr(lib, f"lego_merge_{layout}_{suffix}")
-                sizes = 5 if layout == "planes" else 7  # rows: fragment and pixel strides too
-                function.argtypes = [pointer] * 5 + [size] * sizes + [flag, flag]
-                function.restype = None
+        for suffix in KERNEL_DTYPES.values():
+            function = getattr(lib, f"lego_merge_{suffix}")
+            function.argtypes = [pointer] * 5 + [size] * 10 + [flag, flag]
+            function.restype = ctypes.c_int
         lib.lego_merge_vectorized.restype = ctypes.c_int
         _library = lib
     return _library
@@ -118,11 +122,9 @@ def available() -> str | None:
 
 
 def reference_merge(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
-                    relu: bool, grouped: bool = False) -> Tensor:
-    """The same function in PyTorch ops (for devices and dtypes the kernel does not take)."""
+                    relu: bool) -> Tensor:
+    """The merge in PyTorch ops, from the maps of a conv with ``groups=o``, ``(N, o*m, H, W)``."""
     n, o = coef.shape
-    if not grouped:
-        maps = maps.unflatten(0, (-1, o)).flatten(1, 2)
     out = maps.index_select(1, index.long())
     out = (out.unflatten(1, (n, o)) * coef.reshape(n, o, 1, 1)).sum(2)
     if bias is not None:
@@ -130,67 +132,120 @@ def reference_merge(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | No
     return out.relu() if relu else out
 
 
-def _rows(maps: Tensor) -> bool:
-    """Whether ``maps`` is channels-last (and not also contiguous, as size-1 dims allow)."""
-    return maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
+def reference_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
+                         stride, padding, dilation, relu: bool) -> Tensor:
+    """What ``lego_conv_merge`` computes, in PyTorch ops (for devices and dtypes the kernel does
+    not take, and for gradients)."""
+    o = coef.shape[1]
+    maps = F.conv2d(x, lego.repeat(o, 1, 1, 1), None, stride, padding, dilation, o)
+    return reference_merge(maps, index, coef, bias, relu)
 
 
-def _output(maps: Tensor, n: int, o: int, grouped: bool) -> Tensor:
-    fmt = torch.channels_last if _rows(maps) else torch.contiguous_format
-    images = maps.shape[0] if grouped else maps.shape[0] // o
-    return torch.empty((images, n, *maps.shape[2:]), dtype=maps.dtype, device=maps.device,
-                       memory_format=fmt)
+_grouped_weights: dict[int, tuple] = {}  # id(lego) -> (weak reference, key, repeated filters)
 
 
-@torch.library.custom_op("legofx::lego_merge", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def lego_merge(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None, relu: bool,
-               grouped: bool) -> Tensor:
+def grouped_weight(lego: Tensor, o: int) -> Tensor:
+    """The Lego filters repeated ``o`` times (channels-last, as oneDNN takes them), for one conv
+    with ``groups=o``. Made once and kept while ``lego`` lives and is unchanged: same storage and
+    same version counter, which every in-place change bumps (optimizer steps, ``load_state_dict``,
+    ``copy_``); ``.to()`` makes new storage. Writes through ``lego.data`` bypass the counter:
+    call :func:`forget_grouped_weights` after them. Making the copy on every call would cost
+    ~3-11 ms per ResNet-18 forward on a 2-core CPU (repeat + layout change), 3-10 % of it."""
+    try:
+        key = (lego.data_ptr(), lego._version, o)
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return lego.repeat(o, 1, 1, 1)
+    kept = _grouped_weights.get(id(lego))
+    if kept is None or kept[0]() is not lego or kept[1] != key:
+        if kept is None or kept[0]() is not lego:
+            weakref.finalize(lego, _grouped_weights.pop, id(lego), None)
+        repeated = lego.detach().repeat(o, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+        kept = _grouped_weights[id(lego)] = (weakref.ref(lego), key, repeated)
+    return kept[2]
+
+
+def forget_grouped_weights() -> None:
+    """Drop every kept repeated copy of Lego filters (they are made again on the next call)."""
+    _grouped_weights.clear()
+
+
+def _out_shape(x: Tensor, lego: Tensor, n: int, stride, padding, dilation) -> list[int]:
+    size = [(x.shape[d] + 2 * padding[d - 2] - dilation[d - 2] * (lego.shape[d] - 1) - 1)
+            // stride[d - 2] + 1 for d in (2, 3)]
+    return [x.shape[0], n, *size]
+
+
+def _empty(x: Tensor, shape: list[int]) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _pixel_strides(t: Tensor) -> tuple[int, int] | None:
+    """The (image, pixel) strides of a 4-D tensor whose channels are contiguous and whose
+    ``H x W`` pixels lie at one stride, else ``None`` (size-1 dims are never stepped)."""
+    (channels, height, width), s = t.shape[1:], t.stride()
+    if channels > 1 and s[1] != 1 or height > 1 and width > 1 and s[2] != width * s[3]:
+        return None
+    return s[0], s[3] if width > 1 else s[2] if height > 1 else channels
+
+
+def _merge_into(out: Tensor, maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
+                relu: bool) -> None:
+    """Run the C kernel from the Lego conv's ``(N, o*m, H, W)`` maps into ``out`` (channels-last,
+    maybe ``maps`` itself)."""
     n, o = coef.shape
-    if maps.device.type != "cpu" or maps.dtype not in KERNEL_DTYPES or coef.dtype != maps.dtype:
-        return reference_merge(maps, index, coef, bias, relu, grouped)
-    if not _rows(maps):
-        maps = maps.contiguous()
-    out = _output(maps, n, o, grouped)
-    images, _, height, width = out.shape
-    m = maps.shape[1] // o if grouped else maps.shape[1]
-    index, coef = index.to(torch.int64).contiguous(), coef.contiguous()
-    if index.numel() != n * o or not 0 <= int(index.min()) <= int(index.max()) < o * m:
-        raise IndexError(f"lego_merge: index must hold {n * o} entries in [0, {o * m}), "
-                         f"got {index.numel()} in [{int(index.min())}, {int(index.max())}]")
+    m, pixels = maps.shape[1] // o, maps.shape[2] * maps.shape[3]
+    if _pixel_strides(maps) is None:
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    (image, pixel), (out_image, out_pixel) = _pixel_strides(maps), _pixel_strides(out)
     bias = None if bias is None else bias.to(maps.dtype).contiguous()
+    index, coef = index.to(torch.int64).contiguous(), coef.to(maps.dtype).contiguous()
     pointers = (maps.data_ptr(), index.data_ptr(), coef.data_ptr(),
                 None if bias is None else bias.data_ptr(), out.data_ptr())
-    sizes = (images, height * width, n, o, m)
-    if _rows(maps):  # and the strides of a fragment and of a pixel, in elements
-        layout, sizes = "rows", sizes + ((m, o * m) if grouped else (height * width * m, m))
-    else:
-        layout = "planes"
-    kernel = getattr(library(), f"lego_merge_{layout}_{KERNEL_DTYPES[maps.dtype]}")
-    kernel(*pointers, *sizes, int(relu), torch.get_num_threads())
+    kernel = getattr(library(), f"lego_merge_{KERNEL_DTYPES[maps.dtype]}")
+    if kernel(*pointers, maps.shape[0], pixels, n, o, m, image, m, pixel, out_image, out_pixel,
+              int(relu), torch.get_num_threads()):
+        offsets = torch.arange(o) * m
+        raise IndexError(f"lego_conv_merge: index[j*o + i] must pick one of fragment i's {m} maps, "
+                         f"i.e. lie in [i*m, (i+1)*m) (m={m}, o={o}), got "
+                         f"{index.view(n, o).sub(offsets).tolist()} after subtracting i*m")
+
+
+@torch.library.custom_op("legofx::lego_conv_merge", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def lego_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
+                    stride: list[int], padding: list[int], dilation: list[int], relu: bool) -> Tensor:
+    n, o = coef.shape
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or lego.dtype != x.dtype:
+        out = reference_conv_merge(x, lego, index, coef, bias, stride, padding, dilation, relu)
+        return out.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    maps = F.conv2d(x, grouped_weight(lego, o), None, stride, padding, dilation, o)
+    out = _empty(x, _out_shape(x, lego, n, stride, padding, dilation))
+    if maps.shape == out.shape and maps.stride() == out.stride():
+        out = maps  # the merge writes over the maps: one allocation, as the conv replaced made
+    _merge_into(out, maps, index, coef, bias, relu)
     return out
 
 
-@lego_merge.register_fake
-def _lego_merge_fake(maps, index, coef, bias, relu, grouped):
-    return _output(maps, *coef.shape, grouped)
+@lego_conv_merge.register_fake
+def _lego_conv_merge_fake(x, lego, index, coef, bias, stride, padding, dilation, relu):
+    return _empty(x, _out_shape(x, lego, coef.shape[0], stride, padding, dilation))
 
 
 def _save(ctx, inputs, output) -> None:
-    maps, index, coef, bias, relu, grouped = inputs
-    ctx.save_for_backward(maps, index, coef, bias)
-    ctx.relu, ctx.grouped = relu, grouped
+    x, lego, index, coef, bias, *ctx.settings = inputs
+    ctx.save_for_backward(x, lego, index, coef, bias)
 
 
 def _backward(ctx, grad: Tensor):
-    maps, index, coef, bias = ctx.saved_tensors
-    wanted = (maps, coef, bias)
+    x, lego, index, coef, bias = ctx.saved_tensors
+    wanted = (x, lego, coef, bias)
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(True) for t in wanted]
-        out = reference_merge(leaves[0], index, leaves[1], leaves[2], ctx.relu, ctx.grouped)
+        out = reference_conv_merge(leaves[0], leaves[1], index, leaves[2], leaves[3], *ctx.settings)
         used = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(out, used, grad))
-    g_maps, g_coef, g_bias = (None if t is None else next(grads) for t in leaves)
-    return g_maps, None, g_coef, g_bias, None, None
+    g_x, g_lego, g_coef, g_bias = (None if t is None else next(grads) for t in leaves)
+    return g_x, g_lego, None, g_coef, g_bias, None, None, None, None
 
 
-lego_merge.register_autograd(_backward, setup_context=_save)
+lego_conv_merge.register_autograd(_backward, setup_context=_save)

@@ -201,9 +201,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
             layer's default (Lego: ``"gather"``); ``"dense"`` (Lego) runs the reconstructed
             dense weight as one conv; ``"auto"`` times every lowering of each layer on its
             input from ``example_inputs`` (required) and keeps the fastest. ``"fused"`` (Lego;
-            eager) and ``"fused-grouped"`` (torch.compile) run the merge as one C kernel
-            (:mod:`legofx.lego_fused`) with the ReLU that follows a layer folded in: the
-            fastest on CPU, not exportable to ONNX / TensorRT, never chosen by ``"auto"``.
+            eager and torch.compile on CPU) runs the Lego conv and the merge as one operator
+            with a C kernel (:mod:`legofx.lego_fused`), with the ReLU that follows a layer
+            folded in: the fastest on CPU, not exportable to ONNX / TensorRT, never chosen by
+            ``"auto"``.
             ``summary`` and ``report`` show the lowering of every layer.
         example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
         index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer

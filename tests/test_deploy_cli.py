@@ -85,7 +85,7 @@ def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     (["--out", "net.onnx", "--strategy", "fast"], "strategy='fast'"),
     (["--out", "net.onnx", "--strategy", "gather", "--auto-backend", "onnxruntime"],
      "backend='onnxruntime'"),
-    (["--out", "net.pt2", "--strategy", "fused-grouped"], "--strategy fused-grouped: its merge is a legofx custom op"),
+    (["--out", "net.pt2", "--strategy", "fused"], "--strategy fused: its merge is a legofx custom op"),
 ])
 def test_errors_are_reported_not_raised(net_file, args, message, capsys):
     assert main(["export", net_file, *args]) == 2

@@ -1,4 +1,5 @@
-"""The fused merge kernel (torch.ops.legofx.lego_merge) and the "fused" lowerings."""
+"""The fused Lego operator (torch.ops.legofx.lego_conv_merge, its C merge kernel) and the
+"fused" lowering."""
 
 import os
 
@@ -14,70 +15,131 @@ from helpers import randomize_lego, relative_error, tolerance
 from legofx import merge_kernel
 from legofx.lego_fused import FusedLegoConv2d
 
-merge = torch.ops.legofx.lego_merge.default
+fused_op = torch.ops.legofx.lego_conv_merge.default
 
 
 @st.composite
-def merges(draw, dtype=torch.float64):
-    """Random merge inputs: sizes that cross the kernel's 8-pixel tiles and 8-channel blocks."""
-    images, o, m, n = (draw(st.integers(1, 3)), draw(st.integers(1, 3)),
-                       draw(st.integers(1, 20)), draw(st.integers(1, 20)))
-    height, width = draw(st.integers(1, 11)), draw(st.integers(1, 11))
-    grouped, layout = draw(st.booleans()), draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
+def operator_inputs(draw, dtype=torch.float64, small=False):
+    """Random operator inputs: sizes that cross the kernel's 16-channel vectors and its ways of
+    reading a fragment's maps (m <= 32 and m <= 64 from registers, more gathered), every input
+    layout, and o*m == n often (the merge writes over the conv's output). ``small``: sizes
+    gradcheck can afford."""
+    images, o = draw(st.integers(1, 1 if small else 3)), draw(st.integers(1, 3 if small else 5))
+    m = draw(st.sampled_from([1, 3, 17] if small else [1, 3, 16, 17, 32, 33, 64, 65, 70]))
+    n = draw(st.one_of(st.just(o * m), st.integers(1, 5 if small else 40)))
+    kernel, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, kernel))
+    most = kernel * dilation + (1 if small else 6)
+    height, width = draw(st.integers(kernel * dilation, most)), draw(st.integers(kernel * dilation, most))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    shape = (images, o * m, height, width) if grouped else (images * o, m, height, width)
-    maps = torch.randn(shape, generator=generator, dtype=dtype)
+    channels = o * draw(st.integers(1, 1 if small else 3))
+    x = torch.randn(images, channels, height, width, generator=generator, dtype=dtype)
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
     if layout == "channels_last":
-        maps = maps.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":  # every other column of a wider tensor: neither layout
-        maps = torch.randn(*shape[:3], 2 * width, generator=generator, dtype=dtype)[..., ::2]
+        x = torch.randn(images, channels, height, 2 * width, generator=generator, dtype=dtype)[..., ::2]
+    lego = torch.randn(m, channels // o, kernel, kernel, generator=generator, dtype=dtype)
     index = (torch.randint(0, m, (n, o), generator=generator) + torch.arange(o) * m).flatten()
     coef = torch.randn(n, o, generator=generator, dtype=dtype)
     bias = torch.randn(n, generator=generator, dtype=dtype) if draw(st.booleans()) else None
-    return maps, index, coef, bias, draw(st.booleans()), grouped
+    return (x, lego, index, coef, bias, [stride] * 2, [padding] * 2, [dilation] * 2, draw(st.booleans()))
+
+
+def gather_form(x, lego, index, coef, bias, stride, padding, dilation, relu):
+    """The same layer as legofx's gather lowering computes it, in float64."""
+    n, o = coef.shape
+    frags = x.double().unflatten(1, (o, -1)).flatten(0, 1)
+    maps = F.conv2d(frags, lego.double(), None, stride, padding, dilation).unflatten(0, (-1, o)).flatten(1, 2)
+    out = (maps.index_select(1, index).unflatten(1, (n, o)) * coef.double().reshape(n, o, 1, 1)).sum(2)
+    out = out if bias is None else out + bias.double().reshape(n, 1, 1)
+    return out.relu() if relu else out
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(data=st.data())
-def test_kernel_computes_the_gather_merge_in_every_layout(dtype, data):
-    maps, index, coef, bias, relu, grouped = data.draw(merges(dtype))
-    out = merge(maps, index, coef, bias, relu, grouped)
-    double = None if bias is None else bias.double()
-    expected = merge_kernel.reference_merge(maps.double(), index, coef.double(), double, relu, grouped)
+def test_operator_computes_the_gather_lowering_in_every_layout(dtype, data):
+    inputs = data.draw(operator_inputs(dtype))
+    out = fused_op(*inputs)
+    expected = gather_form(*inputs)
     assert out.dtype == dtype and out.shape == expected.shape
     assert relative_error(out, expected) <= tolerance(dtype)
-    rows = maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
-    assert out.is_contiguous(memory_format=torch.channels_last if rows else torch.contiguous_format)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_operator_writes_over_the_conv_output_when_sizes_match(monkeypatch):
+    """o*m == n: the layer allocates one tensor (the conv's), as the dense conv did."""
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    lego, coef = torch.randn(4, 4, 3, 3), torch.randn(8, 2)
+    index = (torch.randint(0, 4, (8, 2)) + torch.tensor([0, 4])).flatten()
+    seen = []
+    original = F.conv2d
+
+    def conv2d(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    out = fused_op(x, lego, index, coef, None, [1, 1], [1, 1], [1, 1], False)
+    monkeypatch.undo()
+    assert out.data_ptr() == seen[0].data_ptr()
+    assert relative_error(out, gather_form(x, lego, index, coef, None, [1, 1], [1, 1], [1, 1], False)) \
+        <= tolerance(torch.float32)
 
 
 def test_kernel_is_vectorized_on_this_machine_when_it_has_avx2():
-    """The float32 channels-last path the benchmarks time is the tiled AVX2 one here."""
+    """The float32 path the benchmarks time gathers 8 (AVX2) or 16 (AVX-512) channels at once."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if " avx2" not in flags or " fma" not in flags:
-        pytest.skip("this machine has no AVX2/FMA: the scalar path runs (covered above)")
-    assert merge_kernel.library().lego_merge_vectorized() == 1
+        pytest.skip("this machine has no AVX2/FMA: the plain C path runs (covered above)")
+    assert merge_kernel.library().lego_merge_vectorized() == (16 if " avx512f" in flags else 8)
 
 
-@settings(max_examples=10)
-@given(inputs=merges())
-def test_gradients_flow_through_the_kernel(inputs):
-    maps, index, coef, bias, relu, grouped = inputs
-    leaves = [t.clone().requires_grad_() for t in (maps, coef, bias) if t is not None]
-    assert torch.autograd.gradcheck(
-        lambda a, c, *b: merge(a, index, c, b[0] if b else None, relu, grouped), leaves)
+def test_repeated_filters_are_kept_while_the_filters_do_not_change():
+    lego = torch.randn(4, 2, 3, 3)
+    first = merge_kernel.grouped_weight(lego, 2)
+    assert merge_kernel.grouped_weight(lego, 2) is first
+    assert torch.equal(first, lego.repeat(2, 1, 1, 1))
+    lego.mul_(2)  # an optimizer step, or load_state_dict
+    again = merge_kernel.grouped_weight(lego, 2)
+    assert again is not first and torch.equal(again, lego.repeat(2, 1, 1, 1))
+    key = id(lego)
+    del lego, first, again
+    assert key not in merge_kernel._grouped_weights  # freed with the filters
+
+
+@settings(max_examples=15)
+@given(inputs=operator_inputs())
+def test_gradients_through_the_operator_are_the_gather_lowerings(inputs):
+    """Its backward against autograd through plain PyTorch ops, in float64. (Not gradcheck: it
+    perturbs inputs through ``.data``, which the kept repeated filters do not see.)"""
+    x, lego, index, coef, bias, *rest = inputs
+    grads = []
+    for function in (fused_op, gather_form):
+        leaves = [t.clone().requires_grad_() for t in (x, lego, coef, bias) if t is not None]
+        args = (leaves[0], leaves[1], index, leaves[2], leaves[3] if bias is not None else None, *rest)
+        out = function(*args)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        grads.append(torch.autograd.grad((out * weights).sum(), leaves))
+    for got, expected in zip(*grads):
+        assert relative_error(got, expected) <= tolerance(torch.float64)
 
 
 def test_bad_index_is_refused_instead_of_read_out_of_bounds():
-    maps = torch.randn(4, 3, 5, 5)
-    with pytest.raises(IndexError, match=r"index must hold 8 entries in \[0, 6\)"):
-        merge(maps, torch.tensor([0, 3, 1, 4, 2, 6, 0, 3]), torch.ones(4, 2), None, False, False)
+    x, lego = torch.randn(1, 4, 5, 5), torch.randn(3, 2, 1, 1)
+    bad = torch.tensor([0, 3, 1, 4, 2, 6, 0, 3])  # 6: outside fragment 1's maps 3..5
+    with pytest.raises(IndexError, match=r"must pick one of fragment i's 3 maps.*\[2, 3\]"):
+        fused_op(x, lego, bad, torch.ones(4, 2), None, [1, 1], [0, 0], [1, 1], False)
+    crossed = torch.tensor([3, 0, 1, 4, 2, 5, 0, 3])  # entry 0 takes a map of fragment 1
+    with pytest.raises(IndexError, match="must pick one of fragment i's"):
+        fused_op(x, lego, crossed, torch.ones(4, 2), None, [1, 1], [0, 0], [1, 1], False)
 
 
 @settings(max_examples=10)
-@given(inputs=merges(torch.bfloat16))
+@given(inputs=operator_inputs(torch.bfloat16))
 def test_other_dtypes_use_pytorch_ops(inputs):
-    expected = merge_kernel.reference_merge(*inputs)
-    assert torch.equal(merge(*inputs), expected)
+    expected = merge_kernel.reference_conv_merge(*inputs)
+    assert torch.equal(fused_op(*inputs), expected)
 
 
 def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
@@ -92,8 +154,8 @@ def test_without_a_compiler_fused_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(merge_kernel, "_library", None)
     monkeypatch.setattr(merge_kernel, "find_compiler", lambda: None)
     gm = legofx.transform(nn.Sequential(nn.Conv2d(4, 8, 3)), o=2, m=2)
-    with pytest.raises(merge_kernel.KernelUnavailable, match="strategy='fused-grouped'.*no C compiler"):
-        legofx.fold(gm, "fused-grouped")
+    with pytest.raises(merge_kernel.KernelUnavailable, match="strategy='fused'.*no C compiler"):
+        legofx.fold(gm, "fused")
     assert isinstance(legofx.fold(gm, "auto", example_inputs=torch.randn(1, 4, 6, 6)), nn.Module)
 
 
@@ -128,11 +190,10 @@ def trained_block(relu, seed=0):
 
 
 @pytest.mark.parametrize("relu", RELUS)
-@pytest.mark.parametrize("strategy", ["fused", "fused-grouped"])
-def test_a_relu_after_a_fused_layer_goes_into_the_kernel(relu, strategy):
+def test_a_relu_after_a_fused_layer_goes_into_the_kernel(relu):
     gm = trained_block(RELUS[relu]).double()
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
-    folded = legofx.fold(gm, strategy, fuse_batchnorm=True)
+    folded = legofx.fold(gm, "fused", fuse_batchnorm=True)
     layers = {r.name: r.lowering for r in legofx.summary(folded)}
     assert "ReLU" in layers["conv1"] and "ReLU" in layers["conv3"] and "ReLU" not in layers["conv2"]
     assert [folded.get_submodule(f"conv{i}").relu for i in (1, 2, 3)] == [True, False, True]
@@ -151,28 +212,27 @@ def test_a_relu_after_a_fused_layer_goes_into_the_kernel(relu, strategy):
 def test_fused_models_compile_without_graph_breaks_and_fine_tune():
     gm = trained_block(nn.ReLU())
     x = torch.randn(2, 8, 16, 16)
-    for strategy in ("fused", "fused-grouped"):
-        folded = legofx.fold(gm, strategy, fuse_batchnorm=True)
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        with torch.no_grad():
-            compiled = torch.compile(folded, fullgraph=True)
-            assert relative_error(compiled(x), gm(x)) <= tolerance(torch.float32)
-        assert not torch._dynamo.utils.counters["graph_break"]
-        folded.train()
-        folded(x).square().mean().backward()
-        grads = {name: p.grad for name, p in folded.named_parameters()}
-        assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
+    folded = legofx.fold(gm, "fused", fuse_batchnorm=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        compiled = torch.compile(folded, fullgraph=True)
+        assert relative_error(compiled(x), gm(x)) <= tolerance(torch.float32)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    folded.train()
+    folded(x).square().mean().backward()
+    grads = {name: p.grad for name, p in folded.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
 
 
 def test_fused_models_are_refused_by_the_tensorrt_op_check():
     folded = legofx.fold(trained_block(nn.ReLU()), "fused")
     report = legofx.check_ops(folded, torch.randn(1, 8, 8, 8))
-    assert any("lego_merge" in str(op) for op in report.unsupported), report
+    assert any("lego_conv_merge" in str(op) for op in report.unsupported), report
 
 
 def test_fused_models_are_refused_for_onnx_with_the_reason(tmp_path):
-    folded = legofx.fold(trained_block(nn.ReLU()), "fused-grouped")
+    folded = legofx.fold(trained_block(nn.ReLU()), "fused")
     x = torch.randn(1, 8, 8, 8)
     for attempt in (lambda: legofx.export(folded, x, tmp_path / "m.onnx", check=None),
                     lambda: legofx.compile(folded, x, "onnxruntime")):

@@ -25,7 +25,7 @@ def transformed(case, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(data=st.data(), strategy=st.sampled_from(["gather", "accumulate", "merge-conv", "dense", "auto",
-                                                 "fused", "fused-grouped"]),
+                                                 "fused"]),
        index_dtype=st.sampled_from([torch.int64, torch.int32, "smallest"]))
 def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dtype):
     case = data.draw(conv_cases(dtype=dtype))
@@ -34,9 +34,8 @@ def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dt
     layer = folded.get_submodule("0")
     kinds = {"gather": FoldedLegoConv2d, "accumulate": AccumulateLegoConv2d,
              "merge-conv": MergeConvLegoConv2d, "dense": DenseFoldedConv2d}
-    fused = {"fused": False, "fused-grouped": True}
-    if strategy in fused:
-        assert type(layer) is FusedLegoConv2d and layer.grouped == fused[strategy]
+    if strategy == "fused":
+        assert type(layer) is FusedLegoConv2d
     else:  # auto never picks a fused lowering
         assert type(layer) in ([kinds[strategy]] if strategy in kinds else kinds.values())
     assert torch.allclose(layer.weight, gm.get_submodule("0").reconstruct_weight(),
@@ -49,7 +48,7 @@ def test_every_lowering_equals_the_training_form(dtype, data, strategy, index_dt
 
 @settings(max_examples=10)
 @given(net_x=networks(data_dependent=False),
-       strategy=st.sampled_from(["accumulate", "merge-conv", "dense", "auto", "fused", "fused-grouped"]))
+       strategy=st.sampled_from(["accumulate", "merge-conv", "dense", "auto", "fused"]))
 def test_whole_networks_fold_under_every_strategy(net_x, strategy):
     net, x = net_x
     gm = legofx.transform(net, o=2, m=2).eval()
