@@ -4,6 +4,7 @@
     python benchmarks/speed.py --models resnet18 --backends eager onnxruntime --rounds 5
     python benchmarks/speed.py --sweep               # speed-up vs m for o in {1, 2, 4} (resnet18)
     python benchmarks/speed.py --breakdown           # eager time per op group (profiler)
+    python benchmarks/speed.py --layers              # every rewritten conv alone: original vs fused
     python benchmarks/speed.py --device cuda --backends eager inductor tensorrt   # on a GPU
 
 For each torchvision model (random weights, 224x224, float32, CPU) the original, the
@@ -21,8 +22,11 @@ them, and the ReLUs that follow a layer folded in; not run on ONNX Runtime / Ten
 do not take its custom op). Timings are
 interleaved: every round runs every variant once, in turn, after warm-up; medians with
 min-max (ONNX Runtime sessions without spinning threads, which would take the cores of the
-session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). Speed-ups are against the original and against the
-BN-fused original on the same backend. ``theory`` is the network's MAC ratio original / Lego
+session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). In eager mode on a CPU the
+original (and its BN-fused form) and the fused Lego model also run channels-last (model and
+input converted, the input's conversion timed), as oneDNN's convolutions prefer; torch.compile
+does this itself. Speed-ups are against the original, the BN-fused original and the fastest
+original variant on the same backend. ``theory`` is the network's MAC ratio original / Lego
 (Lego conv + merge, LegoNet eq. 2 summed with the untouched layers);
 ``measured / theory`` is the speed-up divided by it. ``--memory`` measures instead the
 growth of the process's peak resident memory during one eager forward (see
@@ -38,6 +42,7 @@ A run of some models or backends replaces their rows in the result file and keep
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -49,6 +54,7 @@ from tabulate import tabulate
 import legofx
 from legofx import merge_kernel
 from legofx.onnx_runtime import TAKING_TURNS
+from legofx.progress import progress
 from legofx.report import measure_macs
 from legofx.timing import interleaved_times
 
@@ -196,8 +202,27 @@ def timed_on_backend(models: dict, info: dict, backend: str, x: torch.Tensor) ->
     return {**models, "lego auto on backend": model}
 
 
+class ChannelsLast(torch.nn.Module):
+    """``model`` with its 4-D tensors channels-last, fed channels-last inputs (the conversion
+    of the input is timed): the layout oneDNN's CPU convolutions run fastest in eager mode."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
 def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
+    """``models`` as they run on ``backend``; in eager mode on a CPU also the original and the
+    fused Lego model channels-last (inductor makes its convolutions channels-last itself)."""
     if backend == "eager":
+        if x.device.type == "cpu":
+            extra = {f"{name}, channels-last": ChannelsLast(models[name])
+                     for name in ("original", "original, BN fused", *(f"lego {s}" for s in FUSED))
+                     if name in models}
+            models = {**models, **extra}
         return models
     if backend in EXPORTED:  # the fused lowerings' custom op does not export
         models = {name: model for name, model in models.items() if not name.startswith("lego fused")}
@@ -215,6 +240,8 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
         times = interleaved_times(compiled, x, rounds=rounds, warmup=2)
         base = statistics.median(times["original"])
         fused = statistics.median(times.get("original, BN fused", times["original"]))
+        originals = {v: statistics.median(t) for v, t in times.items() if v.startswith("original")}
+        fastest = min(originals, key=originals.get)  # the most demanding baseline on this backend
         lego_theory = info["theory"]["lego gather"]
         for variant, samples in times.items():
             median = statistics.median(samples)
@@ -223,7 +250,9 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
                 "variant": variant,
                 "median_ms": 1000 * median, "min_ms": 1000 * min(samples),
                 "max_ms": 1000 * max(samples), "speedup": base / median,
-                "speedup_vs_bn_fused": fused / median, "theory": info["theory"][variant],
+                "speedup_vs_bn_fused": fused / median,
+                "speedup_vs_fastest_original": originals[fastest] / median, "fastest_original": fastest,
+                "theory": info["theory"][variant.removesuffix(", channels-last")],
                 "lego_theory": lego_theory, "measured_over_theory": base / median / lego_theory,
                 "auto_choices": ("" if not variant.startswith("lego auto") else
                                  info[f"auto_choices {backend}"] if variant.endswith("on backend")
@@ -239,13 +268,14 @@ def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float 
 def table(rows: list[dict]) -> str:
     body = [[r["model"], r["batch"], r["backend"], r["variant"], f"{r['median_ms']:.1f}",
              f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['speedup']:.2f}x",
-             f"{r['speedup_vs_bn_fused']:.2f}x",
+             f"{r['speedup_vs_bn_fused']:.2f}x", f"{r['speedup_vs_fastest_original']:.2f}x",
              *(["", ""] if r["variant"].startswith("original") else
                [f"{r['lego_theory']:.2f}x", f"{r['measured_over_theory']:.2f}"]),
              r["auto_choices"]]
             for r in rows if "variant" in r]
     return tabulate(body, ["model", "batch", "backend", "variant", "median ms", "min-max ms",
-                           "speed-up", "vs BN-fused original", "theory", "meas./theory",
+                           "speed-up", "vs BN-fused original", "vs fastest original", "theory",
+                           "meas./theory",
                            "auto: " + "/".join(LOWERINGS)],
                     tablefmt="github", disable_numparse=True)
 
@@ -289,6 +319,50 @@ def breakdown(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
                      f"{r['total']:.1f}", f"{r['conv_only_speedup']:.2f}x"] for r in rows],
                    ["model", "variant", *(f"{g} ms" for g in OP_GROUPS), "other ms",
                     "total ms", "conv-only speed-up"], tablefmt="github"))
+    return rows
+
+
+def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
+    """Every rewritten conv alone, eager, on the input it gets in the model: the original conv
+    vs the ``fused`` Lego layer (without the BatchNorm or ReLU it would take in), both
+    channels-last, and the layer's MAC theory (dense / Lego conv + merge)."""
+    from legofx.lego_fused import FusedLegoConv2d
+    from legofx.lowering import layer_inputs
+
+    rows = []
+    for name in names:
+        x = torch.randn(BATCH.get(name, 8), 3, 224, 224)
+        original = build(name)
+        gm = legofx.transform(original, o=o, m=m).eval()
+        layers = {n: mod for n, mod in gm.named_modules() if isinstance(mod, legofx.LegoConv2d)}
+        convs = {n: original.get_submodule(n) for n in layers}  # the same names, hooks see them
+        inputs = layer_inputs(original, convs, (x,))
+        for layer_name, layer in progress(layers.items(), f"{name}: layers", "layer"):
+            if layer_name not in inputs:
+                continue
+            fmt = torch.channels_last
+            conv = copy.deepcopy(convs[layer_name]).to(memory_format=fmt)
+            pair = {"original": conv, "fused": FusedLegoConv2d(layer).eval()}
+            times = interleaved_times(pair, inputs[layer_name].contiguous(memory_format=fmt),
+                                      rounds=rounds, warmup=2)
+            ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+            with torch.no_grad():
+                shape = conv(inputs[layer_name]).shape
+            dense, lego = layer.macs(tuple(shape))
+            rows.append({"model": name, "layer": layer_name, "input": list(inputs[layer_name].shape),
+                         "original_ms": ms["original"], "fused_ms": ms["fused"],
+                         "speedup": ms["original"] / ms["fused"], "theory": dense / lego})
+    slowest = sorted(rows, key=lambda r: r["speedup"])
+    print(tabulate([[r["model"], r["layer"], "x".join(map(str, r["input"])), f"{r['original_ms']:.2f}",
+                     f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['theory']:.2f}x"]
+                    for r in slowest[:15]],
+                   ["model", "layer (15 slowest)", "input", "original ms", "fused ms", "speed-up",
+                    "MAC theory"], tablefmt="github"))
+    for name in names:
+        mine = [r for r in rows if r["model"] == name]
+        below = [r["layer"] for r in mine if r["speedup"] < 1]
+        print(f"{name}: {len(mine)} layers, speed-up {min(r['speedup'] for r in mine):.2f}x-"
+              f"{max(r['speedup'] for r in mine):.2f}x, slower than the original: {below or 'none'}")
     return rows
 
 
@@ -351,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="speed-up vs m for o in {1, 2, 4}")
     parser.add_argument("--memory", action="store_true",
                         help="peak memory of one eager forward instead of latency")
+    parser.add_argument("--layers", action="store_true",
+                        help="every rewritten conv alone, original vs fused (eager, CPU)")
     parser.add_argument("--breakdown", action="store_true",
                         help="eager time per op group (torch.profiler) instead of latency")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -364,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         parser.error(f"--backends {' '.join(wrong)}: not run on --device {device} "
                      f"(choose from {', '.join(DEVICE_BACKENDS[device])})")
-    if device != "cpu" and (args.memory or args.breakdown):
-        parser.error(f"--memory and --breakdown measure CPU memory and CPU profiler time: "
+    if device != "cpu" and (args.memory or args.breakdown or args.layers):
+        parser.error(f"--memory, --breakdown and --layers measure CPU memory and CPU time: "
                      f"drop --device {device}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
@@ -373,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         rows = memory(args.models)
         (args.out / "speed_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        return 0
+    if args.layers:
+        rows = per_layer(args.models, args.rounds)
+        (args.out / "speed_layers.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         return 0
     if args.breakdown:
         rows = breakdown(args.models, args.rounds)

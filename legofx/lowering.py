@@ -5,7 +5,9 @@ the default first). ``strategy=None`` takes each layer's default; a name takes t
 wherever a layer offers it; ``"auto"`` builds every lowering of a layer and keeps the one
 that runs fastest on the input the layer actually receives from ``example_inputs``, on this
 machine, in eager mode or compiled for the backend the model will run on (``backend=``),
-among the lowerings every backend takes (not ``"fused"``, a custom op: ask for it by name).
+among the lowerings every backend takes; with ``custom_ops=True`` (eager or inductor only)
+``"fused"``, a legofx custom op, is a candidate too, and every candidate is timed on the
+channels-last input the fused layers pass on.
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ AUTO_BACKENDS = ("eager", *BACKENDS)
 BY_NAME_ONLY = ("fused",)  # the custom-op lowering: "auto" keeps to what every backend takes
 
 
-def check_backend(backend, strategy) -> None:
+def check_backend(backend, strategy, custom_ops: bool = False) -> None:
     if not isinstance(backend, str) or backend not in AUTO_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(AUTO_BACKENDS)}, got backend={backend!r}")
     if backend != "eager" and strategy != "auto":
         raise ValueError(f"backend={backend!r} says where strategy='auto' times the lowerings; "
                          f"with strategy={strategy!r} nothing is timed: drop backend or use 'auto'")
+    if not isinstance(custom_ops, bool):
+        raise TypeError(f"custom_ops must be True or False, got custom_ops={custom_ops!r}")
+    if custom_ops and strategy != "auto":
+        raise ValueError(f"custom_ops=True lets strategy='auto' pick 'fused'; with "
+                         f"strategy={strategy!r} nothing is chosen: use 'auto', or drop custom_ops")
+    if custom_ops and backend not in ("eager", "inductor"):
+        raise ValueError(f"custom_ops=True: backend={backend!r} does not take the legofx custom op "
+                         f"of 'fused'; use backend='eager' or 'inductor', or drop custom_ops")
 
 
 def on_backend(layer: nn.Module, x: Tensor, backend: str) -> nn.Module:
@@ -73,7 +83,7 @@ def check_strategy(strategy, layers: dict[str, RewrittenLayer], options: dict) -
 
 
 def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
-          options: dict, backend: str = "eager") -> RewrittenLayer:
+          options: dict, backend: str = "eager", custom_ops: bool = False) -> RewrittenLayer:
     """The inference form of one training-form ``layer`` under ``strategy``.
 
     A named lowering the layer does not offer falls back to its default; ``"auto"`` without
@@ -83,7 +93,10 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
     default = next(iter(builders.values()))
     if strategy != "auto":
         return builders.get(strategy, default)()
-    builders = {name: build for name, build in builders.items() if name not in BY_NAME_ONLY}
+    if custom_ops and example is not None and example.dim() == 4:
+        example = example.contiguous(memory_format=torch.channels_last)
+    builders = {name: build for name, build in builders.items()
+                if custom_ops or name not in BY_NAME_ONLY}
     if example is None or len(builders) == 1:
         return default()
     candidates = {name: build() for name, build in builders.items()}

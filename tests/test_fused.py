@@ -239,3 +239,27 @@ def test_fused_models_are_refused_for_onnx_with_the_reason(tmp_path):
         with pytest.raises(ValueError, match=r"ONNX.*custom op.*\(conv1, conv2, conv3\)"):
             attempt()
     assert not list(tmp_path.iterdir())
+
+
+def test_auto_with_custom_ops_times_fused_too_and_keeps_the_function():
+    gm = trained_block(nn.ReLU()).double()
+    x = torch.randn(2, 8, 12, 12, dtype=torch.float64)
+    folded = legofx.fold(gm, "auto", example_inputs=x, custom_ops=True, fuse_batchnorm=True)
+    lowerings = {r.name: r.lowering for r in legofx.summary(folded) if r.rewritten}
+    assert all("fused " in text for text in lowerings.values()), lowerings  # every layer timed it
+    with torch.no_grad():
+        assert relative_error(folded(x), gm(x)) <= tolerance(torch.float64)
+    plain = legofx.fold(gm, "auto", example_inputs=x)
+    assert not any("fused" in r.lowering for r in legofx.summary(plain) if r.rewritten)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"strategy": "auto", "custom_ops": 1}, TypeError, "custom_ops=1"),
+    ({"strategy": "gather", "custom_ops": True}, ValueError, "strategy='gather'"),
+    ({"strategy": "auto", "custom_ops": True, "backend": "onnxruntime"}, ValueError,
+     "backend='onnxruntime' does not take the legofx custom op"),
+])
+def test_custom_ops_is_checked(kwargs, error, message):
+    gm = trained_block(nn.ReLU())
+    with pytest.raises(error, match=message):
+        legofx.fold(gm, example_inputs=torch.randn(1, 8, 8, 8), **kwargs)
