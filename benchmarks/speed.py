@@ -324,9 +324,10 @@ def breakdown(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
 
 def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list[dict]:
     """Every rewritten conv alone, eager, on the input it gets in the model: the original conv
-    vs the ``fused`` Lego layer (without the BatchNorm or ReLU it would take in), both
+    vs the ``fused`` Lego layer (without the BatchNorm or ReLU it would take in) and vs its
+    Lego conv alone (the grouped conv inside it, no merge: what any merge leaves), all
     channels-last, and the layer's MAC theory (dense / Lego conv + merge)."""
-    from legofx.lego_fused import FusedLegoConv2d
+    from legofx.lego_fused import FusedLegoConv2d, explicit_padding
     from legofx.lowering import layer_inputs
 
     rows = []
@@ -342,7 +343,12 @@ def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
                 continue
             fmt = torch.channels_last
             conv = copy.deepcopy(convs[layer_name]).to(memory_format=fmt)
-            pair = {"original": conv, "fused": FusedLegoConv2d(layer).eval()}
+            fused = FusedLegoConv2d(layer).eval()
+            weight = merge_kernel.grouped_weight(fused.lego, fused.o)
+            padding = explicit_padding(fused.geometry)[1]
+            pair = {"original": conv, "fused": fused,
+                    "lego conv": lambda x, f=fused, w=weight, p=padding: torch.nn.functional.conv2d(
+                        x, w, None, f.stride, p, f.dilation, f.o)}
             times = interleaved_times(pair, inputs[layer_name].contiguous(memory_format=fmt),
                                       rounds=rounds, warmup=2)
             ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
@@ -351,6 +357,7 @@ def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
             dense, lego = layer.macs(tuple(shape))
             rows.append({"model": name, "layer": layer_name, "input": list(inputs[layer_name].shape),
                          "original_ms": ms["original"], "fused_ms": ms["fused"],
+                         "lego_conv_ms": ms["lego conv"],
                          "speedup": ms["original"] / ms["fused"], "theory": dense / lego})
     slowest = sorted(rows, key=lambda r: r["speedup"])
     print(tabulate([[r["model"], r["layer"], "x".join(map(str, r["input"])), f"{r['original_ms']:.2f}",
@@ -361,37 +368,53 @@ def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
     for name in names:
         mine = [r for r in rows if r["model"] == name]
         below = [r["layer"] for r in mine if r["speedup"] < 1]
+        total = {key: sum(r[key] for r in mine) for key in ("original_ms", "fused_ms", "lego_conv_ms")}
         print(f"{name}: {len(mine)} layers, speed-up {min(r['speedup'] for r in mine):.2f}x-"
-              f"{max(r['speedup'] for r in mine):.2f}x, slower than the original: {below or 'none'}")
+              f"{max(r['speedup'] for r in mine):.2f}x, slower than the original: {below or 'none'}; "
+              f"summed: original {total['original_ms']:.1f} ms, fused {total['fused_ms']:.1f} ms "
+              f"({total['original_ms'] / total['fused_ms']:.2f}x), Lego conv alone "
+              f"{total['lego_conv_ms']:.1f} ms ({total['original_ms'] / total['lego_conv_ms']:.2f}x)")
     return rows
 
 
 def sweep(rounds: int, backends: list[str], out: Path, device: str = "cpu") -> list[dict]:
     """Speed-up of resnet18 (batch 8) vs m for o in {1, 2, 4}, folded with ``strategy="auto"``
-    (lowerings timed in eager mode on the benchmark's input), beside LegoNet's MAC theory (Lego
-    conv + gather merge; the merge-conv or dense lowerings ``auto`` may pick cost more MACs)."""
+    (lowerings timed in eager mode on the benchmark's input) on each of ``backends``, beside
+    LegoNet's MAC theory (Lego conv + gather merge; the merge-conv or dense lowerings ``auto``
+    may pick cost more MACs). On a CPU also ``fused`` (BatchNorms folded in) against the
+    BN-fused original, both channels-last, in eager mode (panel "eager fused")."""
+    from torch.fx.experimental.optimization import fuse
+
     x = torch.randn(8, 3, 224, 224, device=device)
     original = build("resnet18", device)
+    fast_original = ChannelsLast(fuse(original)) if device == "cpu" else None
+    panels = [*backends, *(["eager fused"] if device == "cpu" and "eager" in backends else [])]
     rows = []
     for o in (1, 2, 4):
         for m in (0.125, 0.25, 0.5):
             gm = legofx.transform(original, o=o, m=m).eval()
             folded = legofx.fold(gm, "auto", example_inputs=x)
             _, before, after = measure_macs(legofx.fold(gm, "gather"), x[:1])  # LegoNet's MACs
-            for backend in backends:
-                pair = on_backend({"original": original, "lego": folded}, backend, x)
+            for backend in panels:
+                if backend == "eager fused":
+                    lego = ChannelsLast(legofx.fold(gm, "fused", fuse_batchnorm=True))
+                    pair = {"original": fast_original, "lego": lego}
+                else:
+                    pair = on_backend({"original": original, "lego": folded}, backend, x)
+                    pair = {key: pair[key] for key in ("original", "lego")}
                 times = interleaved_times(pair, x, rounds=rounds, warmup=2)
                 speedup = statistics.median(times["original"]) / statistics.median(times["lego"])
                 rows.append({"o": o, "m": m, "backend": backend, "speedup": speedup,
-                             "theory": before / after, "lowerings": choices(folded)})
+                             "theory": before / after,
+                             "lowerings": "fused" if backend == "eager fused" else choices(folded)})
                 print(f"o={o} m={m} {backend}: {speedup:.2f}x (theory {before / after:.2f}x)", flush=True)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
-    for axis, backend in zip(axes[0], backends):
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, backend in zip(axes[0], panels):
         for o, color in zip((1, 2, 4), ("tab:blue", "tab:orange", "tab:green")):
             points = [r for r in rows if r["o"] == o and r["backend"] == backend]
             axis.plot([r["m"] for r in points], [r["speedup"] for r in points], "o-", color=color,
@@ -401,7 +424,9 @@ def sweep(rounds: int, backends: list[str], out: Path, device: str = "cpu") -> l
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("m (fraction of out_channels)")
-        axis.set_title(f"resnet18 b8, {device} {backend}, fold strategy auto")
+        axis.set_title(f"resnet18 b8, {device} eager, fused vs BN-fused original, channels-last"
+                       if backend == "eager fused" else
+                       f"resnet18 b8, {device} {backend}, fold strategy auto", fontsize=9)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("speed-up vs original (same backend)")
     axes[0][0].legend(fontsize=7)

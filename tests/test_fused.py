@@ -13,7 +13,6 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx import merge_kernel
-from legofx.lego_fused import FusedLegoConv2d
 
 fused_op = torch.ops.legofx.lego_conv_merge.default
 
