@@ -156,9 +156,10 @@ def grouped_weight(lego: Tensor, o: int) -> Tensor:
     except RuntimeError:  # an inference-mode tensor keeps no version counter
         return lego.repeat(o, 1, 1, 1)
     kept = _grouped_weights.get(id(lego))
-    if kept is None or kept[0]() is not lego or kept[1] != key:
-        if kept is None or kept[0]() is not lego:
-            weakref.finalize(lego, _grouped_weights.pop, id(lego), None)
+    alive = kept is not None and kept[0]() is lego  # not a dead tensor's reused id
+    if not alive:
+        weakref.finalize(lego, _grouped_weights.pop, id(lego), None)
+    if not alive or kept[1] != key:
         repeated = lego.detach().repeat(o, 1, 1, 1).contiguous(memory_format=torch.channels_last)
         kept = _grouped_weights[id(lego)] = (weakref.ref(lego), key, repeated)
     return kept[2]
@@ -175,8 +176,9 @@ def _out_shape(x: Tensor, lego: Tensor, n: int, stride, padding, dilation) -> li
     return [x.shape[0], n, *size]
 
 
-def _empty(x: Tensor, shape: list[int]) -> Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+def _empty(x: Tensor, shape: list[int], device=None) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=device or x.device,
+                       memory_format=torch.channels_last)
 
 
 def _pixel_strides(t: Tensor) -> tuple[int, int] | None:
@@ -219,9 +221,11 @@ def lego_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: 
         return out.contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     maps = F.conv2d(x, grouped_weight(lego, o), None, stride, padding, dilation, o)
-    out = _empty(x, _out_shape(x, lego, n, stride, padding, dilation))
-    if maps.shape == out.shape and maps.stride() == out.stride():
+    shape = _out_shape(x, lego, n, stride, padding, dilation)
+    if list(maps.shape) == shape and maps.stride() == _empty(x, shape, "meta").stride():
         out = maps  # the merge writes over the maps: one allocation, as the conv replaced made
+    else:
+        out = _empty(x, shape)
     _merge_into(out, maps, index, coef, bias, relu)
     return out
 

@@ -13,25 +13,25 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx import merge_kernel
+from legofx.lego_layers import merge_gathered, split_fragments
 
 fused_op = torch.ops.legofx.lego_conv_merge.default
 
 
 @st.composite
-def operator_inputs(draw, dtype=torch.float64, small=False):
+def operator_inputs(draw, dtype=torch.float64):
     """Random operator inputs: sizes that cross the kernel's 16-channel vectors and its ways of
     reading a fragment's maps (m <= 32 and m <= 64 from registers, more gathered), every input
-    layout, and o*m == n often (the merge writes over the conv's output). ``small``: sizes
-    gradcheck can afford."""
-    images, o = draw(st.integers(1, 1 if small else 3)), draw(st.integers(1, 3 if small else 5))
-    m = draw(st.sampled_from([1, 3, 17] if small else [1, 3, 16, 17, 32, 33, 64, 65, 70]))
-    n = draw(st.one_of(st.just(o * m), st.integers(1, 5 if small else 40)))
+    layout, and o*m == n often (the merge writes over the conv's output)."""
+    images, o = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    m = draw(st.sampled_from([1, 3, 16, 17, 32, 33, 64, 65, 70]))
+    n = draw(st.one_of(st.just(o * m), st.integers(1, 40)))
     kernel, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     padding = draw(st.integers(0, kernel))
-    most = kernel * dilation + (1 if small else 6)
+    most = kernel * dilation + 6
     height, width = draw(st.integers(kernel * dilation, most)), draw(st.integers(kernel * dilation, most))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    channels = o * draw(st.integers(1, 1 if small else 3))
+    channels = o * draw(st.integers(1, 3))
     x = torch.randn(images, channels, height, width, generator=generator, dtype=dtype)
     layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
     if layout == "channels_last":
@@ -46,12 +46,11 @@ def operator_inputs(draw, dtype=torch.float64, small=False):
 
 
 def gather_form(x, lego, index, coef, bias, stride, padding, dilation, relu):
-    """The same layer as legofx's gather lowering computes it, in float64."""
+    """The same layer as legofx's gather lowering computes it (its own split and merge), in float64."""
     n, o = coef.shape
-    frags = x.double().unflatten(1, (o, -1)).flatten(0, 1)
+    frags = split_fragments(x.double(), o)
     maps = F.conv2d(frags, lego.double(), None, stride, padding, dilation).unflatten(0, (-1, o)).flatten(1, 2)
-    out = (maps.index_select(1, index).unflatten(1, (n, o)) * coef.double().reshape(n, o, 1, 1)).sum(2)
-    out = out if bias is None else out + bias.double().reshape(n, 1, 1)
+    out = merge_gathered(maps, index, coef.double(), None if bias is None else bias.double(), n, o)
     return out.relu() if relu else out
 
 
