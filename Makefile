@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(BIN)/legofx demo
 
 test: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

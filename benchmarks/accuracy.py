@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --epochs 10 --seeds 0 1
 
 For m in {0.125, 0.25, 0.5}, o in {1, 2, 4}, with and without coefficients, the demo's CNN
-(``legofx.demo.cnn``) is transformed and trained from scratch with the demo's budget (the
+(``legofx.demo.digits.cnn``) is transformed and trained from scratch with the demo's budget (the
 selection is learned with the balance loss during the warm-up, then frozen); the dense CNN is
 the reference. Test accuracy (360 images: one image is 0.28 points), conv parameters of the
 inference form and network MACs per image are written to ``results/accuracy.json`` and shown
@@ -24,7 +24,7 @@ import torch
 from tabulate import tabulate
 
 import legofx
-from legofx import demo
+from legofx.demo import digits as demo
 
 RESULTS = Path(__file__).parent / "results"
 MS, OS = (0.125, 0.25, 0.5), (1, 2, 4)

@@ -17,12 +17,12 @@ input) and with ``auto`` plus ``fuse_batchnorm=True`` run on each backend: eager
 backend``, picks each layer's lowering by timing it compiled for that backend
 (``fold(..., backend=...)``, BatchNorms fused where the model has them). On eager and
 inductor (CPU) one more: ``lego fused`` (``fold(gm, "fused")``, Lego conv and merge as one
-operator with a C kernel, :mod:`legofx.lego_fused`, with the BatchNorms, where the model has
+operator with a C kernel, :mod:`legofx.methods.lego.lowerings.fused`, with the BatchNorms, where the model has
 them, and the ReLUs that follow a layer folded in; not run on ONNX Runtime / TensorRT, which
 do not take its custom op). Timings are
 interleaved: every round runs every variant once, in turn, after warm-up; medians with
 min-max (ONNX Runtime sessions without spinning threads, which would take the cores of the
-session that runs next: :data:`legofx.onnx_runtime.TAKING_TURNS`). In eager mode on a CPU the
+session that runs next: :data:`legofx.deploy.onnx_runtime.TAKING_TURNS`). In eager mode on a CPU the
 original (and its BN-fused form) and the fused Lego model also run channels-last (model and
 input converted, the input's conversion timed), as oneDNN's convolutions prefer; torch.compile
 does this itself. Speed-ups are against the original, the BN-fused original and the fastest
@@ -52,11 +52,11 @@ import torch
 from tabulate import tabulate
 
 import legofx
-from legofx import merge_kernel
-from legofx.onnx_runtime import TAKING_TURNS
-from legofx.progress import progress
+from legofx.methods.lego import kernel as merge_kernel
+from legofx.deploy.onnx_runtime import TAKING_TURNS
+from legofx.core.progress import progress
 from legofx.report import measure_macs
-from legofx.timing import interleaved_times
+from legofx.core.timing import interleaved_times
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
@@ -327,8 +327,9 @@ def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
     vs the ``fused`` Lego layer (without the BatchNorm or ReLU it would take in) and vs its
     Lego conv alone (the grouped conv inside it, no merge: what any merge leaves), all
     channels-last, and the layer's MAC theory (dense / Lego conv + merge)."""
-    from legofx.lego_fused import FusedLegoConv2d, explicit_padding
-    from legofx.lowering import layer_inputs
+    from legofx.core.geometry import padded
+    from legofx.methods.lego.lowerings.fused import FusedLegoConv2d
+    from legofx.lowering.auto import layer_inputs
 
     rows = []
     for name in names:
@@ -345,7 +346,7 @@ def per_layer(names: list[str], rounds: int, o: int = 2, m: float = 0.5) -> list
             conv = copy.deepcopy(convs[layer_name]).to(memory_format=fmt)
             fused = FusedLegoConv2d(layer).eval()
             weight = merge_kernel.grouped_weight(fused.lego, fused.o)
-            padding = explicit_padding(fused.geometry)[1]
+            padding = padded(inputs[layer_name], fused.geometry, conv_pads="symmetric")[1]
             pair = {"original": conv, "fused": fused,
                     "lego conv": lambda x, f=fused, w=weight, p=padding: torch.nn.functional.conv2d(
                         x, w, None, f.stride, p, f.dilation, f.o)}

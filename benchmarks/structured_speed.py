@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import legofx
 from legofx.report import measure_macs
-from legofx.timing import interleaved_times
+from legofx.core.timing import interleaved_times
 
 RESULTS = Path(__file__).parent / "results" / "structured_speed.json"
 STRUCTURE_N = {"resnet18": 2, "mobilenet_v2": 1}

@@ -41,6 +41,7 @@ import torch
 from tabulate import tabulate
 
 import legofx
+from legofx.core.numerics import relative_error
 from legofx.report import reason_kind
 
 RESULTS = Path(__file__).parent / "results"
@@ -199,11 +200,10 @@ def tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    a = torch.cat([t.detach().double().flatten() for t in actual])
-    e = torch.cat([t.detach().double().flatten() for t in expected])
-    scale = e.norm()
-    return ((a - e).norm() / scale).item() if scale > 0 else (a - e).norm().item()
+def flat_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """:func:`legofx.core.numerics.relative_error` over all outputs together."""
+    return relative_error(torch.cat([t.detach().flatten() for t in actual]),
+                          torch.cat([t.detach().flatten() for t in expected]))
 
 
 def _child_outputs(model, args) -> list[torch.Tensor]:
@@ -249,7 +249,7 @@ def run_model(spec: str, o: int = 2, m: float = 0.5, export: bool = True) -> Res
         result.eligible, result.rewritten = _coverage(records, o)
         result.where = " ".join(f"{k}:{v}" for k, v in sorted(Counter(
             r.where for r in records if r.rewritten).items()))
-        result.untraced = len(legofx.records.stored_meta(gm)["untraced"])
+        result.untraced = len(legofx.core.records.stored_meta(gm)["untraced"])
         result.skipped_reasons = dict(Counter(reason_kind(r.reason) for r in records if not r.rewritten))
         stage = "train step"
         gm.train()
@@ -284,7 +284,7 @@ def run_model(spec: str, o: int = 2, m: float = 0.5, export: bool = True) -> Res
         if [t.shape for t in actual] != [t.shape for t in expected]:
             result.compared = "children"  # data-dependent post-processing
             actual, expected = _child_outputs(folded, eval_args), _child_outputs(gm, eval_args)
-        result.fold_error = relative_error(actual, expected)
+        result.fold_error = flat_relative_error(actual, expected)
         if export:
             stage = "export"
             t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def run_model(spec: str, o: int = 2, m: float = 0.5, export: bool = True) -> Res
                 torch.export.export(folded, tuple(eval_args), strict=False)
                 result.export = "ok"
             except Exception as err:  # recorded, not part of the pass criterion
-                result.export = legofx.tracing.describe_failure(err)[:160]
+                result.export = legofx.fx.tracing.describe_failure(err)[:160]
             result.export_s = time.perf_counter() - t0
         coverage = result.rewritten / result.eligible if result.eligible else 1.0
         if coverage < MIN_COVERAGE:
@@ -301,7 +301,7 @@ def run_model(spec: str, o: int = 2, m: float = 0.5, export: bool = True) -> Res
             result.failure = f"fold error {result.fold_error:.1e} >= {FOLD_TOLERANCE:g}"
         result.passed = not result.failure
     except Exception as err:  # one model's failure is a result, not a crash of the sweep
-        result.failure = f"{stage}: {legofx.tracing.describe_failure(err)}"
+        result.failure = f"{stage}: {legofx.fx.tracing.describe_failure(err)}"
         result.skipped_reasons["traceback"] = traceback.format_exc(limit=-3)[-1500:]
     result.peak_rss_mb = _peak_rss_mb()
     result.wall_s = time.perf_counter() - start

@@ -1,5 +1,5 @@
 import sys
 
-from legofx.cli import main
+from legofx.cli.main import main
 
 sys.exit(main())

@@ -13,11 +13,11 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import passes
-from legofx.arguments import as_input_tuple
-from legofx.layer_base import RewrittenLayer
-from legofx.records import LayerRecord, stored_meta, summary
-from legofx.rewrite import graph_modules
+from legofx import passes
+from legofx.core.arguments import as_input_tuple
+from legofx.core.layer import RewrittenLayer
+from legofx.core.records import LayerRecord, stored_meta, summary
+from legofx.fx.rewrite import graph_modules
 
 
 @dataclass

@@ -17,11 +17,11 @@ One pass per file:
   function decides.
 """
 
-from passes.absorb_followers import absorb_followers
-from passes.collapse_regions import collapse_regions
-from passes.find_modules import ModuleUse, module_uses
-from passes.inline_modules import REGION_KEY, inline_modules, region_of
-from passes.swap_modules import swap_modules
+from legofx.passes.absorb_followers import absorb_followers
+from legofx.passes.collapse_regions import collapse_regions
+from legofx.passes.find_modules import ModuleUse, module_uses
+from legofx.passes.inline_modules import REGION_KEY, inline_modules, region_of
+from legofx.passes.swap_modules import swap_modules
 
 __all__ = [
     "REGION_KEY",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch.fx as fx
 from torch import nn
 
-from passes.inline_modules import region_of
+from legofx.passes.inline_modules import region_of
 
 
 def _regions(graph: fx.Graph) -> dict[str, list[fx.Node]]:

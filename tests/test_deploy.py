@@ -22,7 +22,7 @@ from torch import nn
 import legofx
 from deploy_helpers import assert_close, folded_net, ort_run, small_net
 from legofx.deploy import TOLERANCES, MismatchError
-from legofx.op_check import TensorRTUnavailable, load_torch_tensorrt
+from legofx.deploy.op_check import TensorRTUnavailable, load_torch_tensorrt
 from legofx.testing import networks
 
 
@@ -113,14 +113,14 @@ def test_unknown_suffix_is_refused(tmp_path, name):
 
 
 def test_a_wrong_onnx_file_is_reported_with_its_error(tmp_path, monkeypatch):
-    from legofx import deploy
+    from legofx.deploy import exporter
 
-    class Skewed(deploy.OnnxRuntimeModule):  # as if ONNX Runtime computed something else
+    class Skewed(exporter.OnnxRuntimeModule):  # as if ONNX Runtime computed something else
         def forward(self, *inputs):
             out = super().forward(*inputs)
             return out + 1e-3 * out.abs().max()
 
-    monkeypatch.setattr(deploy, "OnnxRuntimeModule", Skewed)
+    monkeypatch.setattr(exporter, "OnnxRuntimeModule", Skewed)
     with pytest.raises(MismatchError, match=r"max error 1\.0\d*e-03 of the output scale"):
         legofx.export(folded_net(), torch.randn(1, 4, 8, 8), tmp_path / "m.onnx")
 
@@ -130,7 +130,7 @@ def test_compiled_backends_match_eager(backend):
     net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     folded = folded_net(net)
     compiled = legofx.compile(folded, torch.randn(2, 4, 8, 8), backend)
-    kind = {"onnxruntime": legofx.deploy.OnnxRuntimeModule,
+    kind = {"onnxruntime": legofx.deploy.compiler.OnnxRuntimeModule,
             "inductor": torch._dynamo.eval_frame.OptimizedModule}[backend]
     assert isinstance(compiled, kind)
     x = torch.randn(3, 4, 8, 8)  # not the example's batch

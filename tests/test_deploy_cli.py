@@ -61,7 +61,7 @@ def test_export_can_pick_lowerings_timed_on_onnx_runtime(net_file, tmp_path, cap
 
 
 def test_export_loads_trained_weights(net_file, tmp_path, capsys):
-    from legofx.model_spec import build_model
+    from legofx.cli.model_spec import build_model
 
     gm = legofx.transform(build_model(net_file)[0], o=2, m=4)
     randomize_lego(gm, torch.Generator().manual_seed(3))  # "trained": not the random start

@@ -8,7 +8,7 @@ from torch import nn
 
 import legofx
 from helpers import lego_layers, randomize_lego
-from legofx.lego_layers import FoldedLegoConv2d
+from legofx.methods.lego.layers import FoldedLegoConv2d
 
 
 def model():

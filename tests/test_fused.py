@@ -12,8 +12,8 @@ from torch import nn
 
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
-from legofx import merge_kernel
-from legofx.lego_layers import merge_gathered, split_fragments
+from legofx.methods.lego import kernel as merge_kernel
+from legofx.methods.lego.layers import merge_gathered, split_fragments
 
 fused_op = torch.ops.legofx.lego_conv_merge.default
 
@@ -103,7 +103,7 @@ def test_repeated_filters_are_kept_while_the_filters_do_not_change():
     assert again is not first and torch.equal(again, lego.repeat(2, 1, 1, 1))
     key = id(lego)
     del lego, first, again
-    assert key not in merge_kernel._grouped_weights  # freed with the filters
+    assert key not in merge_kernel.filters._grouped_weights  # freed with the filters
 
 
 @settings(max_examples=15)
@@ -149,8 +149,8 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_fused_is_refused_with_the_reason(monkeypatch):
-    monkeypatch.setattr(merge_kernel, "_library", None)
-    monkeypatch.setattr(merge_kernel, "find_compiler", lambda: None)
+    monkeypatch.setattr(merge_kernel.loader, "_library", None)
+    monkeypatch.setattr(merge_kernel.loader, "find_compiler", lambda: None)
     gm = legofx.transform(nn.Sequential(nn.Conv2d(4, 8, 3)), o=2, m=2)
     with pytest.raises(merge_kernel.KernelUnavailable, match="strategy='fused'.*no C compiler"):
         legofx.fold(gm, "fused")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import legofx
-from legofx.lego_layers import straight_through_onehot
+from legofx.methods.lego.layers import selection_onehot
 from helpers import TOL64, conv_with, lego_layers, randomize_lego, reference_merge_weight
 from legofx.testing import conv_cases
 
@@ -60,7 +60,8 @@ def test_selection_is_exactly_one_hot_in_forward(scale):
     """``hard + (proxy - proxy.detach())`` must equal the one-hot bit for bit, whatever the
     proxy's scale (``hard - proxy.detach() + proxy`` would not)."""
     proxy = torch.randn(16, 3, 5, generator=torch.Generator().manual_seed(0)) * scale
-    onehot = straight_through_onehot(proxy.requires_grad_(), 5)
+    frozen, index = torch.tensor(False), torch.zeros(16, 3, dtype=torch.long)
+    onehot = selection_onehot(proxy.requires_grad_(), 5, frozen, index)
     assert torch.equal(onehot, F.one_hot(proxy.argmax(-1), 5).float())
 
 

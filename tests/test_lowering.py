@@ -8,12 +8,12 @@ from torch import nn
 
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
-from legofx.lego_accumulate import AccumulateLegoConv2d
-from legofx.lego_fused import FusedLegoConv2d
-from legofx.lego_layers import FoldedLegoConv2d
-from legofx.lego_merge_conv import MergeConvLegoConv2d
-from legofx.arguments import smallest_index_dtype
-from legofx.dense_form import DenseFoldedConv2d
+from legofx.methods.lego.lowerings.accumulate import AccumulateLegoConv2d
+from legofx.methods.lego.lowerings.fused import FusedLegoConv2d
+from legofx.methods.lego.layers import FoldedLegoConv2d
+from legofx.methods.lego.lowerings.merge_conv import MergeConvLegoConv2d
+from legofx.core.arguments import smallest_index_dtype
+from legofx.lowering.dense import DenseFoldedConv2d
 from legofx.testing import conv_cases, networks
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import legofx
-from legofx.op_check import TENSORRT_OPS, UnsupportedOpsError
+from legofx.deploy.op_check import TENSORRT_OPS, UnsupportedOpsError
 from deploy_helpers import folded_net, small_net
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-import passes
+from legofx import passes
 from contextlib import nullcontext
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import legofx
-from legofx.lego import paper_compression, paper_speedup
+from legofx.methods.lego.api import paper_compression, paper_speedup
 from legofx.report import measure_macs, network_params, reason_kind
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import legofx
 from helpers import assert_unchanged, conv_with, relative_error, snapshot, tolerance
-from legofx.structured_layers import (
+from legofx.methods.structured.layers import (
     FoldedStructuredConv2d, StructuredLinear, compose_weight, structure_matrix,
 )
 from legofx.testing import conv_cases

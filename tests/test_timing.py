@@ -1,10 +1,10 @@
-"""legofx.timing: interleaved rounds, and waiting for an accelerator before reading the clock
+"""legofx.core.timing: interleaved rounds, and waiting for an accelerator before reading the clock
 (checked here with a tensor that reports a CUDA device and a recording synchronize, so the
 test runs on machines without a GPU)."""
 
 import torch
 
-from legofx.timing import interleaved_times, synchronizer
+from legofx.core.timing import interleaved_times, synchronizer
 
 
 class ReportsCuda(torch.Tensor):

@@ -8,7 +8,7 @@ from torch import nn
 
 import legofx
 from helpers import TOL64, assert_unchanged, randomize_lego, relative_error, snapshot
-from legofx.records import stored_meta
+from legofx.core.records import stored_meta
 
 
 def conv(c_in=4, c_out=4):

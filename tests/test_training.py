@@ -8,8 +8,8 @@ from torch import nn
 
 import legofx
 from helpers import TOL64, lego_layers, relative_error
-from legofx.lego_init import fit_lego
-from legofx.training import usage
+from legofx.methods.lego.init import fit_lego
+from legofx.methods.lego.training import usage
 
 
 def net():

@@ -7,7 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from legofx.arguments import nested_tensors
+from legofx.core.arguments import nested_tensors
+from legofx.core.modes import kept_modes
+from legofx.core.numerics import relative_error
 
 # float64: the two sides sum the same products in another order; relative rounding is ~1e-16
 # per operation, so 1e-12 leaves a margin of 10^4 for the accumulation.
@@ -18,16 +20,6 @@ TOL64 = 1e-12
 TOL32 = 1e-5
 # float16 / bfloat16: 10 and 7 mantissa bits; only loose agreement is meaningful.
 TOL16 = 1e-2
-
-
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 over the whole output (the absolute
-    error when ``expected`` is all zeros)."""
-    expected = expected.double()
-    denominator = expected.norm()
-    if denominator == 0:
-        return (actual.double() - expected).norm().item()
-    return ((actual.double() - expected).norm() / denominator).item()
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -49,16 +41,8 @@ def assert_equivalent(a: Callable, b: Callable, inputs, tol: float | None = None
     error and the tolerance.
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    modules = [m for f in (a, b) if isinstance(f, nn.Module) for m in f.modules()]
-    modes = [(m, m.training) for m in modules]
-    try:
-        for f in (a, b):
-            if isinstance(f, nn.Module):
-                f.eval()
+    with kept_modes(a, b, training=False):
         outputs = [nested_tensors(f(*args)) for f in (a, b)]
-    finally:
-        for module, training in modes:
-            module.train(training)
     if len(outputs[0]) != len(outputs[1]) or not outputs[0]:
         raise AssertionError(f"outputs differ in structure: {len(outputs[0])} tensors vs "
                              f"{len(outputs[1])}")
@@ -80,7 +64,7 @@ def assert_equivalent(a: Callable, b: Callable, inputs, tol: float | None = None
 def randomize_lego(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Random selections, coefficients and biases in every training-form Lego layer of
     ``model`` (in place), so that tests do not rely on the balanced, unit-coefficient start."""
-    from legofx.lego_layers import LegoConv2d
+    from legofx.methods.lego.layers import LegoConv2d
 
     for layer in model.modules():
         if isinstance(layer, LegoConv2d):

@@ -1,0 +1,85 @@
+"""``legofx export``: transform, (load trained weights,) fold, export and verify a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import torch
+
+from legofx.cli.common import add_method_arguments, apply_method, method_settings
+from legofx.deploy.exporter import MismatchError, export
+from legofx.lowering.registry import BACKENDS, by_name_only
+from legofx.cli.model_spec import build_model, example_input
+from legofx.core.records import summary
+from legofx.lowering.fold import fold
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    model, shape = build_model(args.model)
+    size = (args.input_size,) * 2 if args.input_size else shape[-2:]
+    shape = (args.batch, *shape[1:-2], *size)
+    gm = apply_method(model.eval(), args)
+    if args.weights:
+        gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    x = example_input(shape, args.seed)
+    if args.strategy in by_name_only():
+        raise ValueError(f"--strategy {args.strategy}: its merge is a legofx custom op, which ONNX "
+                         f"and TensorRT do not take; export with gather, accumulate, merge-conv, "
+                         f"dense or auto, and run {args.strategy!r} in PyTorch "
+                         f"(legofx.fold(gm, {args.strategy!r}), eager or torch.compile)")
+    folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
+                  backend=args.auto_backend)
+    folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])
+    records = summary(folded)
+    rewritten = [record for record in records if record.rewritten]
+    print(f"{args.model}: {args.method} {method_settings(args)}, {len(rewritten)} of "
+          f"{len(records)} convs rewritten, folded, {args.dtype}, input {tuple(shape)}")
+    if args.strategy == "auto":
+        kinds = Counter(record.lowering.split(" ")[0] for record in rewritten)
+        print(f"lowerings (auto, timed on {args.auto_backend}): "
+              + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())))
+    try:
+        result = export(folded, x, args.out, check=None if args.check == "none" else args.check)
+    except MismatchError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    kind = "ONNX" if result.format == "onnx" else "torch.export program"
+    print(f"wrote {result.path} ({kind}, dynamic batch)")
+    print(result)
+    print("export verified")
+    return 0
+
+
+def add_parser(commands) -> None:
+    """Add the ``export`` subcommand to the ``legofx`` parser's subparsers."""
+    sub = commands.add_parser(
+        "export", help="transform and fold a model, export it to .onnx or .pt2 and verify the file")
+    sub.add_argument("model", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
+    sub.add_argument("--out", required=True, help="output file: model.onnx or model.pt2")
+    add_method_arguments(sub)
+    sub.add_argument("--weights", default=None,
+                     help="state_dict of the transformed model (e.g. after training) to load "
+                          "before folding; without it the weights are random")
+    sub.add_argument("--input-size", type=int, default=None, help="spatial size of the example input")
+    sub.add_argument("--batch", type=int, default=1, help="example batch (the batch stays dynamic)")
+    sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    sub.add_argument("--check", choices=["tensorrt", "none"], default="tensorrt",
+                     help="refuse graphs with ops Torch-TensorRT does not convert (default)")
+    sub.add_argument("--fuse-batchnorm", action="store_true",
+                     help="fold each BatchNorm that follows a folded layer into it "
+                          "(fold(..., fuse_batchnorm=True))")
+    sub.add_argument("--strategy", default=None,
+                     help="each layer's lowering (fold's strategy): gather (lego default), "
+                          "accumulate, merge-conv, dense, sum-pool (structured default) or auto "
+                          "(the fastest per layer, timed on the example input); not fused, "
+                          "whose custom op ONNX and TensorRT do not take")
+    sub.add_argument("--auto-backend", choices=list(BACKENDS), default="eager",
+                     help="where --strategy auto times the lowerings (default eager; e.g. "
+                          "onnxruntime for an .onnx file)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.set_defaults(handler=cmd_export)

@@ -1,0 +1,2 @@
+"""The layer contract, conv geometry and padding, per-layer records, argument checks, timing:
+what every other part of legofx builds on. Imports nothing else from legofx."""

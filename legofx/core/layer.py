@@ -1,0 +1,85 @@
+"""The contract every rewritten layer meets, whatever the method."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+from torch import Tensor, nn
+
+from legofx.core.geometry import GEOMETRY
+
+
+def parameter_copy(tensor: Tensor | None) -> nn.Parameter | None:
+    """A detached copy of a parameter that keeps its ``requires_grad`` (``None`` stays)."""
+    return None if tensor is None else nn.Parameter(tensor.detach().clone(), tensor.requires_grad)
+
+
+def conv_extra_repr(layer: nn.Module, settings: str = "") -> str:
+    """``extra_repr`` of a layer standing for an ``nn.Conv2d``; ``settings`` go after the
+    kernel size (``"o=2, m=32"``)."""
+    middle = f"{settings}, " if settings else ""
+    return (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+            f"{middle}stride={layer.stride}, padding={layer.padding!r}, "
+            f"dilation={layer.dilation}, padding_mode={layer.padding_mode!r}, "
+            f"bias={layer.bias is not None}")
+
+
+def _no_stage(role: str) -> nullcontext:
+    return nullcontext()
+
+
+class RewrittenLayer(nn.Module):
+    """A layer that replaces a conv: one math, two ways to run it.
+
+    Subclasses define ``compute(x, attr, stage)`` (see :mod:`legofx.passes.inline_modules`),
+    which ``forward`` runs eagerly and the inline pass expands into graph nodes; ``form``
+    (``"training"`` or ``"folded"``); ``folded()``, the default inference form (``self`` when
+    already folded); ``params_before`` / ``params_after``; ``macs(output_shape)``, the
+    multiply-accumulates of one call before and after the rewrite (the method's theory); and
+    ``lowering``, how the current form computes (shown in summaries). The other inference forms
+    a training-form layer offers are registered in :mod:`legofx.lowering.registry`.
+    """
+
+    form: str
+    lowering: str = ""
+    inline = True  # whether the inline pass expands its compute() into graph nodes
+    standard_ops = True  # False: computes with a legofx custom op (no ONNX / TensorRT)
+    per_output: str | None = None  # folded forms: the tensor (dim 0 = output channel) the
+    # output is linear in, besides the bias; fold(fuse_batchnorm=True) scales its rows
+
+    def compute(self, x: Tensor, attr, stage) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.compute(x, partial(getattr, self), _no_stage)
+
+    def folded(self) -> RewrittenLayer:
+        raise NotImplementedError
+
+    def macs(self, output_shape: tuple[int, ...]) -> tuple[int, int]:
+        raise NotImplementedError
+
+
+class ConvLayer(RewrittenLayer):
+    """A rewritten layer that stands for an ``nn.Conv2d``: it keeps the conv's geometry
+    (:func:`legofx.core.geometry.conv_geometry`) as attributes of the same names, so code
+    written for the replaced conv can still read them."""
+
+    groups = 1
+
+    def __init__(self, geometry: dict) -> None:
+        super().__init__()
+        for key in GEOMETRY:
+            setattr(self, key, geometry[key])
+
+    @property
+    def geometry(self) -> dict:
+        """Channels, kernel size and the conv hyper-parameters, as ``conv_geometry`` gives."""
+        return {key: getattr(self, key) for key in GEOMETRY}
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of the dense conv this layer replaced."""
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        return n * c * kh * kw + (0 if self.bias is None else n)

@@ -1,0 +1,113 @@
+"""ONNX files from exported programs, and ONNX Runtime sessions wrapped as ``nn.Module``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPSET = 18  # the opset torch.onnx's dynamo exporter (onnxscript's torchlib) targets natively
+_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit: larger weights go to path.data
+_ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
+
+# ONNX Runtime session config for sessions that take turns in one process (interleaved timing,
+# ``fold(strategy="auto", backend="onnxruntime")``): by default a session's worker threads keep
+# spinning after a run, and take the cores of the session that runs next (docs/performance.md
+# has the measurement). A session that runs alone is faster with spinning (the default).
+TAKING_TURNS = {"session.intra_op.allow_spinning": "0"}
+
+
+def names(prefix: str, count: int) -> list[str]:
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
+
+
+def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
+              opset: int = OPSET) -> None:
+    """Write ``program`` as ONNX (its dynamic dimensions stay dynamic); one file unless the
+    weights exceed protobuf's limit."""
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got opset={opset}")
+    weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    outputs = len(program.graph_signature.user_outputs)
+    torch.onnx.export(program, inputs, str(path), dynamo=True, opset_version=opset,
+                      input_names=names("input", len(inputs)), output_names=names("output", outputs),
+                      external_data=weights > _SINGLE_FILE_BYTES, verbose=False)
+    _restore_output_dtypes(path, [node.meta["val"].dtype for node in program.graph.output_node().args[0]])
+
+
+def _restore_output_dtypes(path: Path, dtypes: list[torch.dtype]) -> None:
+    """Cast outputs back to the program's dtypes. torch 2.14's exporter computes a float16
+    ``sum`` in float32 and drops the cast back when the sum is a graph output, so a float16
+    model ending in a folded Lego merge would return float32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for output, dtype in zip(model.graph.output, dtypes):
+        want = _ONNX_TYPES.get(dtype)
+        if want is None or output.type.tensor_type.elem_type == want:
+            continue
+        inner = f"{output.name}_before_cast"
+        for node in model.graph.node:
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+            node.input[:] = [inner if name == output.name else name for name in node.input]
+        model.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=want))
+        output.type.tensor_type.elem_type = want
+        changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
+def _numpy(tensor: torch.Tensor):
+    if tensor.dtype == torch.bfloat16:
+        raise TypeError("ONNX Runtime's Python API takes numpy arrays and numpy has no bfloat16; "
+                        "use float16 or float32 for ONNX")
+    return tensor.detach().cpu().contiguous().numpy()  # channels_last -> the NCHW ONNX expects
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX Runtime ``InferenceSession`` called like the model it was exported from.
+
+    Tensors go in and come out (on the inputs' device; through host memory, no IO binding).
+    """
+
+    def __init__(self, session, device: torch.device) -> None:
+        super().__init__()
+        self.session, self.device = session, device
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    @classmethod
+    def from_file(cls, path: Path, device: torch.device = torch.device("cpu"),
+                  session_config: dict[str, str] | None = None) -> OnnxRuntimeModule:
+        """A session for the ONNX file ``path``; ``session_config``: ONNX Runtime session
+        config entries (e.g. :data:`TAKING_TURNS`)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        return cls(ort.InferenceSession(str(path), options, providers=providers), device)
+
+    @classmethod
+    def from_program(cls, program: torch.export.ExportedProgram, inputs: tuple,
+                     opset: int = OPSET, session_config: dict[str, str] | None = None
+                     ) -> OnnxRuntimeModule:
+        """Export to a temporary ONNX file and load it (the session keeps what it needs)."""
+        device = inputs[0].device if inputs else torch.device("cpu")
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            save_onnx(program, inputs, path, opset)
+            return cls.from_file(path, device, session_config)
+
+    def forward(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
+        feeds = {name: _numpy(t) for name, t in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(out).to(self.device) for out in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -1,0 +1,88 @@
+"""Checks every deploy path makes: the model is in inference form (and uses standard ops where
+the target needs them), and what was produced computes what the PyTorch model computes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from legofx.core.layer import RewrittenLayer
+
+# Largest accepted error, as max|deployed - eager| / max|eager| over each output. The two sides
+# compute the same function with other kernels (conv algorithms, fused BN, other summation
+# orders), so they differ by rounding, which grows with the accumulation length and depth but
+# stays a small multiple of the format's unit roundoff u; a real defect (a wrong index or
+# coefficient, a dropped layer) gives errors of order 1.
+#   float64: u = 1.1e-16;  1e-9 is far above any rounding.
+#   float32: u = 6.0e-8;   observed ~3e-7 (resnet18, ONNX Runtime CPU); 1e-4 leaves 300x.
+#   float16: u = 4.9e-4;   observed ~5e-4 (resnet18: both sides round every layer's output to
+#                          fp16, in different places); 1e-2 is 20x that and ~20 u.
+#   bfloat16: u = 3.9e-3;  5e-2 (~13 u), by the same reasoning (not exercised by ONNX).
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
+              torch.bfloat16: 5e-2}
+class MismatchError(RuntimeError):
+    """The deployed model does not compute what the eager model computes."""
+
+
+def require_inference_form(model: nn.Module) -> None:
+    """Refuse training-form legofx layers and training mode."""
+    training = [name or "<root>" for name, m in model.named_modules()
+                if isinstance(m, RewrittenLayer) and m.form == "training"]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        raise ValueError(f"the model has training-form legofx layers ({shown}): call "
+                         "legofx.fold(model.eval()) first and deploy the folded model")
+    if any(m.training for m in model.modules()):
+        raise ValueError("the model is in training mode: call model.eval() first")
+
+
+def require_standard_ops(model: nn.Module, where: str) -> None:
+    """Refuse layers lowered with a legofx custom op (``"fused"``) for ONNX / TensorRT."""
+    custom = [name for name, m in model.named_modules()
+              if isinstance(m, RewrittenLayer) and not m.standard_ops]
+    if custom:
+        shown = ", ".join(custom[:5]) + (f" and {len(custom) - 5} more" if len(custom) > 5 else "")
+        raise ValueError(f"{where} does not take the legofx custom op of the fused lowering "
+                         f"({shown}): fold with strategy gather, accumulate, merge-conv, dense "
+                         f"or auto for it, and run fused models in PyTorch or torch.compile")
+
+
+def model_dtype(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> torch.dtype:
+    """The floating-point dtype the model computes in (its first floating tensor's)."""
+    for tensor in [*model.parameters(), *model.buffers(), *inputs]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def output_error(actual, expected) -> tuple[float, float]:
+    """(max|a - e| / max|e|, max|a - e|): the worst over all outputs, in float64."""
+    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    if len(actual) != len(expected):
+        raise MismatchError(f"{len(actual)} outputs, expected {len(expected)}")
+    relative = absolute = 0.0
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            raise MismatchError(f"output {a.dtype} {tuple(a.shape)}, expected {e.dtype} "
+                                f"{tuple(e.shape)}")
+        e = e.detach().cpu().double()
+        diff = (a.detach().cpu().double() - e).abs().max().item() if e.numel() else 0.0
+        scale = e.abs().max().item() if e.numel() else 0.0
+        absolute = max(absolute, diff)
+        relative = max(relative, diff / scale if scale > 0 else diff)
+    return relative, absolute
+
+
+@torch.no_grad()
+def check_outputs(deployed, model: nn.Module, batches: list[tuple], dtype: torch.dtype, what: str
+            ) -> tuple[float, float, float]:
+    tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    worst = (0.0, 0.0)
+    for inputs in batches:
+        worst = max(worst, output_error(deployed(*inputs), model(*inputs)))
+    if worst[0] > tolerance:
+        raise MismatchError(f"{what} differs from the PyTorch model: max error {worst[0]:.3e} of "
+                            f"the output scale (abs {worst[1]:.3e}) > tolerance {tolerance:g} "
+                            f"for {dtype}")
+    return worst[0], worst[1], tolerance

@@ -1,0 +1,314 @@
+"""Turn a user's model into traced graphs that own copies of all its state, without giving up.
+
+``torch.fx.symbolic_trace`` fails on data-dependent control flow, ``len`` of a proxy, and the
+like. :func:`trace_tree` instead finds the module whose ``forward`` broke the trace, keeps it
+as a leaf (with the failure message), and traces again until the trace succeeds. A module that
+stays a leaf, or a root whose own ``forward`` cannot be traced, becomes an *eager scope*: its
+children are traced on their own (each becomes a :class:`TracedSubtree`), and its plain convs
+can still be replaced at module level. The result is a tree of :class:`Scope`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+from legofx.core.layer import RewrittenLayer
+
+REWRITABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+class TraceError(RuntimeError):
+    """``torch.fx`` could not trace the model."""
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """Whether a ``Conv2d`` / ``Linear`` subclass computes something else than its base does."""
+    for base in REWRITABLE_TYPES:
+        if isinstance(module, base):
+            kind = type(module)
+            return any(getattr(kind, method) is not getattr(base, method)
+                       for method in ("forward", "_conv_forward") if hasattr(base, method))
+    return False
+
+
+class PlainLeafTracer(fx.Tracer):
+    """``fx.Tracer`` with more leaves: ``leaves`` by name, rewritten layers, and every subclass
+    of ``Conv2d`` / ``Linear``.
+
+    The default tracer keeps only modules defined in ``torch.nn`` as leaves, so a subclass
+    (``class MyConv(nn.Conv2d)``, timm's ``Conv2dSame``) would be traced through into
+    ``F.conv2d`` on its weight and could not be rewritten. It also remembers which module's
+    ``forward`` it is inside, so that a failure can be pinned on a module (``failing_module``).
+    """
+
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if qualified_name in self.leaves or isinstance(module, (RewrittenLayer, *REWRITABLE_TYPES)):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        name = self.path_of_module(module)
+        if self.is_leaf_module(module, name):
+            return super().call_module(module, forward, args, kwargs)
+        self.stack.append(name)
+        result = super().call_module(module, forward, args, kwargs)
+        self.stack.pop()  # not reached when tracing the module fails: the stack names it
+        return result
+
+    @property
+    def failing_module(self) -> str | None:
+        """The innermost module being traced when the trace failed (``None``: the root)."""
+        return self.stack[-1] if self.stack else None
+
+
+def describe_failure(err: BaseException) -> str:
+    """``TypeName: message (at file:line)``: the error and the last frame outside torch."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {message[:200]}{where}"
+
+
+class TracedSubtree(fx.GraphModule):
+    """A traced child of an eager module, standing in for the child it was traced from.
+
+    The eager parent may read plain attributes of its child (``self.attn.num_heads``) that a
+    ``GraphModule`` does not copy; those are looked up on the original child.
+    """
+
+    def __init__(self, root, graph, class_name: str = "TracedSubtree") -> None:
+        source = root.__dict__.get("_legofx_source", root)
+        super().__init__(root, graph, class_name)
+        self.__dict__["_legofx_source"] = source
+
+    def _deepcopy_init(self):
+        return TracedSubtree.__init__  # GraphModule's deepcopy would call GraphModule.__init__
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_legofx_source")
+            if source is None or source is self:
+                raise
+            return getattr(source, name)
+
+
+@dataclass
+class Scope:
+    """A part of the model that runs one way: a traced graph, or a module's eager forward.
+
+    ``name`` is the module's qualified name in the root (``""``: the root); ``reason`` says why
+    an eager scope could not be traced; ``leaves`` maps the qualified names (relative to a graph
+    scope) of modules kept as leaves to their failure messages; ``children`` are the scopes
+    nested inside (the leaves of a graph; the traced or eager children of an eager module).
+    """
+
+    name: str
+    module: nn.Module
+    graph: bool
+    reason: str = ""
+    leaves: dict[str, str] = field(default_factory=dict)
+    children: list[Scope] = field(default_factory=list)
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def qualified_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever of the two is not empty."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _outermost(names: dict[str, str]) -> dict[str, str]:
+    return {n: msg for n, msg in names.items()
+            if not any(n.startswith(other + ".") for other in names if other != n)}
+
+
+def specialized_defaults(module: nn.Module) -> dict:
+    """The non-tensor defaults of ``module.forward`` (``mask=None``, ``flag=False``).
+
+    Tracing them as proxies is wrong: ``if mask is not None`` would take the branch for a
+    proxy. They are traced as constants instead; fx guards each with a runtime check, so a call
+    with another value raises instead of computing the wrong thing.
+    """
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in signature.parameters.items()
+            if p.default is not inspect.Parameter.empty and not isinstance(p.default, Tensor)
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _node_key(node: fx.Node) -> tuple:
+    by_name = lambda arg: fx.node.map_arg(arg, lambda n: n.name)  # noqa: E731
+    return node.op, str(node.target), repr(by_name(node.args)), repr(by_name(node.kwargs))
+
+
+def _innermost(*nodes: fx.Node | None) -> str:
+    stacks = [list((n.meta.get("nn_module_stack") or {}).keys()) for n in nodes if n is not None]
+    deepest = max(stacks, key=len, default=[])
+    return deepest[-1] if deepest else ""
+
+
+def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves, concrete) -> tuple[str, str] | None:
+    """Trace ``module`` in the other mode (train/eval); ``None`` if the graphs are the same,
+    else ``(module name, why)`` for the module whose code depends on ``self.training``
+    (``""``: the root's own code). fx would bake ``if self.training:`` into one branch."""
+    mode = module.training
+    tracer = PlainLeafTracer(frozenset(leaves))
+    try:
+        module.train(not mode)
+        other = tracer.trace(module, concrete_args=concrete or None)
+    except Exception as err:  # traces in one mode only
+        return tracer.failing_module or "", describe_failure(err) + " (in the other train/eval mode)"
+    finally:
+        module.train(mode)
+    ours, theirs = list(graph.nodes), list(other.nodes)
+    for index in range(max(len(ours), len(theirs))):
+        a = ours[index] if index < len(ours) else None
+        b = theirs[index] if index < len(theirs) else None
+        if a is None or b is None or _node_key(a) != _node_key(b):
+            return _innermost(a, b), ("its forward depends on self.training, which a trace would "
+                                      "freeze in one mode")
+    return None
+
+
+def robust_trace(module: nn.Module, cls: type = fx.GraphModule
+                 ) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+    """Trace ``module``, making leaves of the modules that break the trace.
+
+    A module breaks the trace when tracing its ``forward`` raises, or when its code depends on
+    ``self.training`` (the train-mode and eval-mode traces differ there: a trace would keep,
+    say, stochastic depth in eval mode). Returns ``(graph module or None, {leaf: failure},
+    failure of the root's own forward)``. A module that fails makes every module of the same
+    class (outside ``torch.nn``) a leaf too, so a model with 24 identical failing blocks is
+    traced twice, not 25 times.
+    """
+    leaves: dict[str, str] = {}
+    classes: dict[type, list[str]] = {}
+    for name, sub in module.named_modules():
+        classes.setdefault(type(sub), []).append(name)
+    concrete = specialized_defaults(module)
+    while True:
+        tracer = PlainLeafTracer(frozenset(leaves))
+        try:
+            graph = tracer.trace(module, concrete_args=concrete or None)
+        except Exception as err:  # anything user code raises under tracing
+            culprit, failure = tracer.failing_module, describe_failure(err)
+        else:
+            dependence = _mode_dependence(module, graph, leaves, concrete)
+            if dependence is None:
+                return cls(module, graph, type(module).__name__), _outermost(leaves), ""
+            culprit, failure = dependence
+        if not culprit or culprit in leaves:
+            return None, leaves, failure
+        leaves[culprit] = failure
+        kind = type(module.get_submodule(culprit))
+        if not kind.__module__.startswith("torch.nn"):
+            for twin in classes[kind]:
+                leaves.setdefault(twin, f"same class as {culprit!r}, which failed: {failure}")
+
+
+def _contains_rewritable(module: nn.Module) -> bool:
+    return any(isinstance(sub, REWRITABLE_TYPES) for sub in module.modules())
+
+
+def _eager_scope(module: nn.Module, name: str, reason: str) -> Scope:
+    scope = Scope(name, module, graph=False, reason=reason)
+    for child_name, child in list(module.named_children()):
+        if isinstance(child, REWRITABLE_TYPES) or not _contains_rewritable(child):
+            continue
+        optional = [arg for arg, value in specialized_defaults(child).items() if value is None]
+        if optional:  # its eager caller may pass them: a trace would fix them to None
+            sub = _eager_scope(child, qualified_name(name, child_name), (
+                f"called by eager code that may pass its optional arguments "
+                f"({', '.join(f'{arg}=None' for arg in optional)}), which a trace would fix"))
+            scope.children.append(sub)
+            continue
+        sub = _scope(child, qualified_name(name, child_name), TracedSubtree)
+        if sub.graph and sub.module is not child:
+            setattr(module, child_name, sub.module)
+        scope.children.append(sub)
+    return scope
+
+
+def _scope(module: nn.Module, name: str, cls: type) -> Scope:
+    if isinstance(module, fx.GraphModule):  # already traced (e.g. transformed before)
+        return Scope(name, module, graph=True)
+    gm, leaves, failure = robust_trace(module, cls)
+    if gm is None:
+        return _eager_scope(module, name, failure)
+    modules = dict(gm.named_modules())  # a leaf the forward never calls is not kept
+    leaves = {leaf: message for leaf, message in leaves.items() if leaf in modules}
+    scope = Scope(name, gm, graph=True, leaves=leaves)
+    for leaf, message in leaves.items():
+        scope.children.append(_eager_scope(modules[leaf], qualified_name(name, leaf), message))
+    return scope
+
+
+def copy_model(model: nn.Module, shared: Iterable[Tensor] = ()) -> nn.Module:
+    """A deep copy of ``model`` that still refers to the ``shared`` tensors (not copied, to
+    save time on tensors about to be replaced); :func:`unshare` ends the sharing."""
+    memo = {id(tensor): tensor for tensor in shared}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:  # deepcopy raises anything a __deepcopy__ or __reduce__ raises
+        raise TypeError(
+            f"cannot copy model {type(model).__name__} ({type(err).__name__}: {err}); legofx "
+            "works on a copy so that your model is never modified"
+        ) from err
+
+
+def _reachable_modules(model: nn.Module) -> Iterator[nn.Module]:
+    for module in model.modules():
+        yield module
+        source = module.__dict__.get("_legofx_source")
+        if source is not None and source is not module:
+            yield from source.modules()
+
+
+def unshare(copied: nn.Module, original: nn.Module) -> None:
+    """Give ``copied`` its own copy of every tensor it still shares with ``original`` (tied
+    tensors stay tied)."""
+    theirs = {id(t) for t in [*original.parameters(), *original.buffers()]}
+    clones: dict[int, Tensor] = {}
+    for module in _reachable_modules(copied):
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or id(tensor) not in theirs:
+                    continue
+                if id(tensor) not in clones:
+                    clone = tensor.detach().clone()
+                    clones[id(tensor)] = (nn.Parameter(clone, tensor.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else clone)
+                store[key] = clones[id(tensor)]
+
+
+def trace_tree(model: nn.Module) -> Scope:
+    """The scopes of a copy of ``model``; the original, its parameters and hooks stay untouched.
+
+    The root scope's module is what ``transform`` returns: a ``GraphModule`` when the root's
+    ``forward`` traces (possibly with leaves), else the copied model itself. The copy still
+    shares the weights of convs and linear layers with ``model`` (most are about to be
+    replaced): call :func:`unshare` once the rewrite is done.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, REWRITABLE_TYPES)
+               and isinstance(m.weight, Tensor) and not is_lazy(m.weight)]
+    return _scope(copy_model(model, weights), "", fx.GraphModule)

@@ -1,0 +1,116 @@
+"""Choosing each layer's inference form when folding: ``fold(gm, strategy=...)``.
+
+A training-form layer offers the lowerings registered for its type
+(:mod:`legofx.lowering.registry`, the default first). ``strategy=None`` takes each layer's
+default; a name takes that lowering wherever a layer offers it; ``"auto"`` builds every
+lowering of a layer and keeps the one that runs fastest on the input the layer actually
+receives from ``example_inputs``, on this machine, in eager mode or prepared for the backend
+the model will run on (``backend=``, a registered backend), among the lowerings every backend
+takes; with ``custom_ops=True`` (eager or inductor only) the by-name-only lowerings
+(``"fused"``, a legofx custom op) are candidates too, and every candidate is timed on the
+channels-last input the fused layers pass on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from legofx.core.layer import RewrittenLayer
+from legofx.core.modes import kept_modes
+from legofx.core.timing import interleaved_times, median_ms
+from legofx.lowering.registry import BACKENDS, LoweringUnavailable, known_lowerings, lowerings
+
+CUSTOM_OP_BACKENDS = ("eager", "inductor")
+
+
+def check_backend(backend, strategy, custom_ops: bool = False) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got backend={backend!r}")
+    if backend != "eager" and strategy != "auto":
+        raise ValueError(f"backend={backend!r} says where strategy='auto' times the lowerings; "
+                         f"with strategy={strategy!r} nothing is timed: drop backend or use 'auto'")
+    if not isinstance(custom_ops, bool):
+        raise TypeError(f"custom_ops must be True or False, got custom_ops={custom_ops!r}")
+    if custom_ops and strategy != "auto":
+        raise ValueError(f"custom_ops=True lets strategy='auto' pick 'fused'; with "
+                         f"strategy={strategy!r} nothing is chosen: use 'auto', or drop custom_ops")
+    if custom_ops and backend not in CUSTOM_OP_BACKENDS:
+        raise ValueError(f"custom_ops=True: backend={backend!r} does not take the legofx custom op "
+                         f"of 'fused'; use backend='eager' or 'inductor', or drop custom_ops")
+
+
+def choose_fastest(candidates: dict[str, nn.Module], x: Tensor, rounds: int = 7,
+                   backend: str = "eager") -> tuple[str, dict]:
+    """The candidate that runs ``x`` fastest on ``backend`` by median of interleaved timings
+    (:func:`legofx.core.timing.interleaved_times`); returns its key and the medians in ms."""
+    with kept_modes(*candidates.values(), training=False):
+        runnable = {key: BACKENDS[backend](layer, x) for key, layer in candidates.items()}
+        times = interleaved_times(runnable, x, rounds=rounds, warmup=2 if backend != "eager" else 1)
+    medians = {key: median_ms(samples) for key, samples in times.items()}
+    return min(medians, key=medians.get), medians
+
+
+def check_strategy(strategy, layers: dict[str, RewrittenLayer]) -> None:
+    """Refuse a strategy that is not a string, or that no layer offers (the error lists those
+    that exist; a model without training-form layers takes any registered name); ``None`` and
+    ``"auto"`` always pass."""
+    if strategy is None or strategy == "auto":
+        return
+    offered = {name for layer in layers.values() for name in lowerings(layer)} or known_lowerings()
+    if not isinstance(strategy, str) or strategy not in offered:
+        listed = ", ".join(sorted(offered))
+        raise ValueError(f"strategy must be None, 'auto' or a lowering of the model's layers "
+                         f"({listed}), got strategy={strategy!r}")
+
+
+def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
+          options: dict, backend: str = "eager", custom_ops: bool = False) -> RewrittenLayer:
+    """The inference form of one training-form ``layer`` under ``strategy``.
+
+    A named lowering the layer does not offer falls back to its default; ``"auto"`` without
+    an example input for the layer (never called on ``example_inputs``) does too.
+    """
+    offered = lowerings(layer)
+    default = next(iter(offered.values()))
+    if strategy != "auto":
+        return offered.get(strategy, default).build(layer, **options)
+    if custom_ops and example is not None and example.dim() == 4:
+        example = example.contiguous(memory_format=torch.channels_last)
+    offered = {name: lowering for name, lowering in offered.items()
+               if custom_ops or not lowering.by_name_only}
+    if example is None or len(offered) == 1:
+        return default.build(layer, **options)
+    candidates, dropped = {}, {}
+    for name, lowering in offered.items():
+        try:
+            candidates[name] = lowering.build(layer, **options)
+        except LoweringUnavailable as why:  # e.g. the fused kernel cannot be built here
+            if name == default.name:
+                raise
+            dropped[name] = str(why).splitlines()[0]
+    best, medians = choose_fastest(candidates, example, backend=backend)
+    chosen = candidates[best]
+    timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in medians.items())
+    timings += "".join(f"; {name} dropped: {why}" for name, why in dropped.items())
+    where = "" if backend == "eager" else f" on {backend}"
+    chosen.lowering = f"{chosen.lowering} [auto{where}: {timings}]"
+    return chosen
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], example_inputs: tuple,
+                 example_kwargs: dict | None = None) -> dict:
+    """The input each of ``layers`` (name -> module of ``model``) gets first when ``model``
+    runs ``example_inputs`` in eval mode (training flags are restored afterwards)."""
+    seen: dict[str, Tensor] = {}
+    hooks = [module.register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0].detach()))
+        for name, module in layers.items()]
+    try:
+        with kept_modes(model, training=False):
+            model(*example_inputs, **(example_kwargs or {}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen

@@ -1,0 +1,106 @@
+"""``fold``: the inference form of a transformed model.
+
+Every training-form layer is replaced by the inference form ``strategy`` names (see
+:mod:`legofx.lowering.auto` and the registry), in the graphs and at module level alike; then
+the registered absorbers fold what follows a layer into it (BatchNorm with
+``fuse_batchnorm=True``; a ReLU into a fused Lego layer), and the new layers are expanded into
+graph nodes. Folding a folded model re-lowers nothing and returns an equal copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from legofx import passes
+from legofx.core.arguments import as_input_tuple, check_index_dtype
+from legofx.core.layer import RewrittenLayer
+from legofx.core.progress import progress
+from legofx.core.records import stored_records
+from legofx.fx.generated_weight import GeneratedWeight
+from legofx.fx.rewrite import graph_modules
+from legofx.fx.tracing import copy_model, unshare
+from legofx.lowering import batchnorm  # noqa: F401  (registers its absorber)
+from legofx.lowering.auto import check_backend, check_strategy, layer_inputs, lower
+from legofx.lowering.registry import ABSORBERS
+
+
+def _is_training_form(name: str, module: nn.Module) -> bool:
+    return isinstance(module, RewrittenLayer) and module.form == "training"
+
+
+def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
+         index_dtype: torch.dtype | str = torch.int64, fuse_batchnorm: bool = False,
+         backend: str = "eager", custom_ops: bool = False) -> nn.Module:
+    """The inference form of a transformed model; ``gm`` itself is not modified.
+
+    Args:
+        strategy: how each layer computes: ``None`` is each layer's default lowering (Lego:
+            ``"gather"``, Structured: ``"sum-pool"``); a name picks that lowering
+            (``"accumulate"``, ``"merge-conv"``, ``"dense"``, ``"fused"``...; docs/api.md has
+            the table); ``"auto"`` times every lowering of each layer on its input from
+            ``example_inputs`` (required) and keeps the fastest. ``summary`` and ``report`` show
+            the lowering of every layer.
+        example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
+        index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
+            dtype that holds ``o*m - 1``, or ``"smallest"`` (uint8 when ``o*m <= 256``).
+        fuse_batchnorm: fold every eval-mode ``BatchNorm2d`` that directly follows a folded
+            layer (its only user, in a traced graph) into that layer (exact up to rounding).
+        backend: where ``"auto"`` times the lowerings: ``"eager"`` (default), or a registered
+            backend (``"inductor"``, ``"onnxruntime"``, ``"tensorrt"``) that compiles each
+            candidate first, so the choice fits where the model will be deployed.
+        custom_ops: let ``"auto"`` pick ``"fused"`` as well (eager or inductor only).
+    """
+    if not isinstance(fuse_batchnorm, bool):
+        raise TypeError(f"fuse_batchnorm must be True or False, got fuse_batchnorm={fuse_batchnorm!r}")
+    check_backend(backend, strategy, custom_ops)
+    stored_records(gm)  # refuses models legofx did not make
+    if strategy == "auto" and example_inputs is None:
+        raise ValueError("strategy='auto' times each layer on its real input: pass "
+                         "example_inputs (a tensor or a tuple of tensors the model takes)")
+    if index_dtype != "smallest":
+        check_index_dtype(index_dtype, 0)
+    original, gm = gm, copy_model(gm, shared=_training_tensors(gm))
+    for graph_module in graph_modules(gm):
+        passes.collapse_regions(graph_module, _is_training_form)
+    training = {name: module for name, module in gm.named_modules()
+                if _is_training_form(name, module)}
+    check_strategy(strategy, training)
+    options = {"index_dtype": index_dtype}
+    inputs = ({} if strategy != "auto"
+              else layer_inputs(gm, training, as_input_tuple(example_inputs)))
+    timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
+             if strategy == "auto" and backend != "eager" else training.items())
+    folded = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops)
+              for name, module in timed}
+    passes.swap_modules(gm, folded)
+    enabled = {"fuse_batchnorm": fuse_batchnorm}
+    for absorber in ABSORBERS:
+        if absorber.option is None or enabled.get(absorber.option):
+            _absorb_followers(gm, absorber.absorb)
+    new = {id(layer) for layer in folded.values()}
+    for graph_module in graph_modules(gm):
+        passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
+    unshare(gm, original)
+    return gm
+
+
+def _absorb_followers(model: nn.Module, absorb) -> None:
+    """:func:`legofx.passes.absorb_followers` with ``absorb`` in every graph of ``model``, for
+    layers that are not shared (registered once in the model)."""
+    counts: dict[int, int] = {}
+    for module in model.modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    for prefix, graph_module in model.named_modules():
+        if isinstance(graph_module, fx.GraphModule):
+            scope = f"{prefix}." if prefix else ""
+            passes.absorb_followers(graph_module, lambda a, layer, b, bn: (
+                counts[id(layer)] == 1 and absorb(scope + a, layer, scope + b, bn)))
+
+
+def _training_tensors(model: nn.Module) -> list:
+    """The tensors of training-form layers, which ``fold`` replaces: not worth copying."""
+    return [t for m in model.modules()
+            if _is_training_form("", m) and not isinstance(m, GeneratedWeight)
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]]
