@@ -10,9 +10,9 @@ each result, and torch.compile's generated gather reads channels-last maps one e
 time.
 
 It keeps the gather form's tensors (``lego``, ``coef``, ``bias``, ``index``: the same
-state_dict) and its function. Ask for it by name, ``fold(gm, strategy="fused")``: it runs in
-eager PyTorch and under torch.compile, but ``torch.export`` keeps the custom op, which ONNX and
-TensorRT do not take, so ``strategy="auto"`` never picks it.
+state_dict) and its function. It runs in eager PyTorch and under torch.compile, but
+``torch.export`` keeps the custom op, which ONNX and TensorRT do not take: ask for it by name,
+``fold(gm, strategy="fused")``, or let ``strategy="auto"`` consider it with ``custom_ops=True``.
 """
 
 from __future__ import annotations
