@@ -9,6 +9,7 @@ The packages, lowest first: ``core`` (layer contract, geometry, records, argumen
 
 from legofx.core.records import LayerRecord, summary
 from legofx.deploy import check_ops, compile, export
+from legofx.fx.interface import InterfaceError
 from legofx.fx.tracing import TraceError
 from legofx.lowering.fold import fold
 from legofx.methods.lego.api import transform
@@ -22,6 +23,7 @@ from legofx.report import report
 
 __all__ = [
     "FoldedLegoConv2d",
+    "InterfaceError",
     "LayerRecord",
     "LegoConv2d",
     "StructuredConv2d",

@@ -170,15 +170,20 @@ class Masked(nn.Module):
         return self.conv(x) * scale
 
 
-def test_non_tensor_defaults_are_specialised_and_guarded():
-    model, x = Masked().eval(), torch.randn(1, 4, 5, 5)
+def test_arguments_with_defaults_keep_their_effect():
+    """A trace would fix ``mask=None`` and ``scale=1.0``: the model stays eager, its conv is
+    rewritten at module level, and every call computes what the original computes."""
+    model, x = Masked().double().eval(), torch.randn(1, 4, 5, 5, dtype=torch.float64)
     gm = legofx.transform(model, o=2, m=2)
-    assert [r.where for r in legofx.summary(gm)] == ["graph"]
-    folded = legofx.fold(gm)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), gm(x))
-    with pytest.raises(Exception, match="specialized"):
-        gm(x, torch.ones_like(x))
+    assert [r.where for r in legofx.summary(gm)] == ["module"]
+    assert "mask=None, scale=1.0" in stored_meta(gm)["untraced"]["<root>"]
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    folded = legofx.fold(gm.eval())
+    mask = torch.rand_like(x)
+    layer = gm.get_submodule("conv")
+    expected = F.conv2d(x * mask, layer.weight, layer.bias, padding=1) * 2.0
+    for form in (gm, folded):
+        assert relative_error(form(x, mask, scale=2.0), expected) <= TOL64
 
 
 def test_traced_subtree_survives_deepcopy_with_its_attribute_fallback():
@@ -243,7 +248,7 @@ def test_child_called_with_an_optional_argument_is_not_traced_with_it_fixed():
     gm = legofx.transform(net, o=2, m=2)
     record, = legofx.summary(gm)
     assert record.rewritten and record.where == "module"
-    assert "optional arguments (mask=None)" in stored_meta(gm)["untraced"]["block"]
+    assert "its forward takes mask=None" in stored_meta(gm)["untraced"]["block"]
     randomize_lego(gm, torch.Generator().manual_seed(0))
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     layer = gm.get_submodule("block.conv")

@@ -122,6 +122,29 @@ def as_input_tuple(example_inputs, tensors_only: bool = False) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
+def example_call(example_inputs, example_kwargs) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` of an example call, or ``None`` when neither is given:
+    ``example_inputs`` is a tensor or a tuple / list of the model's positional arguments,
+    ``example_kwargs`` a dict of keyword arguments."""
+    if example_inputs is None and example_kwargs is None:
+        return None
+    if example_kwargs is not None and not (isinstance(example_kwargs, dict)
+                                           and all(isinstance(k, str) for k in example_kwargs)):
+        raise TypeError(f"example_kwargs must be a dict of keyword arguments, got "
+                        f"example_kwargs={example_kwargs!r:.80}")
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise TypeError(f"example_inputs must be a tensor or a tuple of the model's positional "
+                        f"arguments, got example_inputs={example_inputs!r:.80} "
+                        f"({type(example_inputs).__name__})")
+    return args, dict(example_kwargs or {})
+
+
 def nested_tensors(value) -> list[torch.Tensor]:
     """Every tensor of ``value``: a tensor, or tuples / lists / dicts of them (dicts in sorted key
     order), in order; anything else holds none."""

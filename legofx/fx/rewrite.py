@@ -11,10 +11,11 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from legofx import passes
-from legofx.core.arguments import Patterns, check_model
+from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
 from legofx.core.records import LayerRecord, skipped_record, store_records, stored_records
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
+from legofx.fx.interface import compare_calls
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
 
 
@@ -98,6 +99,10 @@ def generic_reason_to_skip(module: nn.Module, use: passes.ModuleUse | None) -> s
         return "it has hooks registered, which replacing the module would drop"
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not floating point"
+    if not module.weight.requires_grad:
+        return ("its weight does not require grad (a fixed or frozen layer, such as "
+                "ultralytics' DFL conv): a rewritten layer would be trained; set "
+                "requires_grad_(True) first to rewrite it")
     return None
 
 
@@ -105,14 +110,19 @@ def _is_rewritten(name: str, module: nn.Module) -> bool:
     return isinstance(module, RewrittenLayer) and module.inline
 
 
-def rewrite(model: nn.Module, method: Method, include=None, exclude=None) -> nn.Module:
+def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
+            example_inputs=None, example_kwargs=None) -> nn.Module:
     """A traced copy of ``model`` with every eligible module of ``method.types`` rewritten.
 
-    Returns a ``GraphModule`` when the model's own ``forward`` traces, else the copied model
-    with its traceable parts traced and the rest rewritten at module level.
+    Returns a :class:`~legofx.fx.traced_module.TracedModule` when the model's own ``forward``
+    traces and its interface survives tracing, else the copied model (its own class) with its
+    traceable parts traced and the rest rewritten at module level. With ``example_inputs``
+    (and/or ``example_kwargs``) both models run once and must answer with the same output
+    structure, shapes and dtypes (:func:`~legofx.fx.interface.compare_calls`).
     """
     check_model(model)
     patterns = Patterns(include, exclude)
+    example = example_call(example_inputs, example_kwargs)
     root = trace_tree(model)
     kinds = method.types
     originals = {name: mod for name, mod in model.named_modules() if isinstance(mod, kinds)}
@@ -144,6 +154,8 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None) -> nn.
             passes.inline_modules(scope.module, _is_rewritten)
     unshare(root.module, model)
     store_records(root.module, _merge_records(root.module, records), _untraced(root))
+    if example is not None:
+        compare_calls(model, root.module, *example)
     return root.module
 
 

@@ -4,14 +4,16 @@
 like. :func:`trace_tree` instead finds the module whose ``forward`` broke the trace, keeps it
 as a leaf (with the failure message), and traces again until the trace succeeds. A module that
 stays a leaf, or a root whose own ``forward`` cannot be traced, becomes an *eager scope*: its
-children are traced on their own (each becomes a :class:`TracedSubtree`), and its plain convs
-can still be replaced at module level. The result is a tree of :class:`Scope`.
+children are traced on their own (each becomes a :class:`~legofx.fx.traced_module.TracedModule`),
+and its plain convs can still be replaced at module level. A module whose interface a graph
+would change (keyword arguments, defaults, a ``ModelOutput`` result, a container its caller
+iterates: :mod:`legofx.fx.interface`) is an eager scope too. The result is a tree of
+:class:`Scope`.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from legofx.core.layer import RewrittenLayer
+from legofx.fx.interface import CONTAINERS, OutputTypes, signature_problem
+from legofx.fx.traced_module import SOURCE, traced_class
 
 REWRITABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -53,6 +57,15 @@ class PlainLeafTracer(fx.Tracer):
         super().__init__()
         self.leaves = leaves
         self.stack: list[str] = []
+        self.outputs = OutputTypes()
+
+    def create_arg(self, a):
+        self.outputs.argument(a)
+        return super().create_arg(a)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        self.outputs.node(kind)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self.leaves or isinstance(module, (RewrittenLayer, *REWRITABLE_TYPES)):
@@ -80,31 +93,6 @@ def describe_failure(err: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
     where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
     return f"{type(err).__name__}: {message[:200]}{where}"
-
-
-class TracedSubtree(fx.GraphModule):
-    """A traced child of an eager module, standing in for the child it was traced from.
-
-    The eager parent may read plain attributes of its child (``self.attn.num_heads``) that a
-    ``GraphModule`` does not copy; those are looked up on the original child.
-    """
-
-    def __init__(self, root, graph, class_name: str = "TracedSubtree") -> None:
-        source = root.__dict__.get("_legofx_source", root)
-        super().__init__(root, graph, class_name)
-        self.__dict__["_legofx_source"] = source
-
-    def _deepcopy_init(self):
-        return TracedSubtree.__init__  # GraphModule's deepcopy would call GraphModule.__init__
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            source = self.__dict__.get("_legofx_source")
-            if source is None or source is self:
-                raise
-            return getattr(source, name)
 
 
 @dataclass
@@ -140,22 +128,6 @@ def _outermost(names: dict[str, str]) -> dict[str, str]:
             if not any(n.startswith(other + ".") for other in names if other != n)}
 
 
-def specialized_defaults(module: nn.Module) -> dict:
-    """The non-tensor defaults of ``module.forward`` (``mask=None``, ``flag=False``).
-
-    Tracing them as proxies is wrong: ``if mask is not None`` would take the branch for a
-    proxy. They are traced as constants instead; fx guards each with a runtime check, so a call
-    with another value raises instead of computing the wrong thing.
-    """
-    try:
-        signature = inspect.signature(module.forward)
-    except (TypeError, ValueError):
-        return {}
-    return {name: p.default for name, p in signature.parameters.items()
-            if p.default is not inspect.Parameter.empty and not isinstance(p.default, Tensor)
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
 def _node_key(node: fx.Node) -> tuple:
     by_name = lambda arg: fx.node.map_arg(arg, lambda n: n.name)  # noqa: E731
     return node.op, str(node.target), repr(by_name(node.args)), repr(by_name(node.kwargs))
@@ -167,7 +139,7 @@ def _innermost(*nodes: fx.Node | None) -> str:
     return deepest[-1] if deepest else ""
 
 
-def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves, concrete) -> tuple[str, str] | None:
+def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves) -> tuple[str, str] | None:
     """Trace ``module`` in the other mode (train/eval); ``None`` if the graphs are the same,
     else ``(module name, why)`` for the module whose code depends on ``self.training``
     (``""``: the root's own code). fx would bake ``if self.training:`` into one branch."""
@@ -175,7 +147,7 @@ def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves, concrete) -> tu
     tracer = PlainLeafTracer(frozenset(leaves))
     try:
         module.train(not mode)
-        other = tracer.trace(module, concrete_args=concrete or None)
+        other = tracer.trace(module)
     except Exception as err:  # traces in one mode only
         return tracer.failing_module or "", describe_failure(err) + " (in the other train/eval mode)"
     finally:
@@ -190,14 +162,14 @@ def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves, concrete) -> tu
     return None
 
 
-def robust_trace(module: nn.Module, cls: type = fx.GraphModule
-                 ) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
     """Trace ``module``, making leaves of the modules that break the trace.
 
     A module breaks the trace when tracing its ``forward`` raises, or when its code depends on
     ``self.training`` (the train-mode and eval-mode traces differ there: a trace would keep,
     say, stochastic depth in eval mode). Returns ``(graph module or None, {leaf: failure},
-    failure of the root's own forward)``. A module that fails makes every module of the same
+    failure of the root's own forward)``; a graph that would lose the type of what ``module``
+    returns is a failure of the root. A module that fails makes every module of the same
     class (outside ``torch.nn``) a leaf too, so a model with 24 identical failing blocks is
     traced twice, not 25 times.
     """
@@ -205,17 +177,19 @@ def robust_trace(module: nn.Module, cls: type = fx.GraphModule
     classes: dict[type, list[str]] = {}
     for name, sub in module.named_modules():
         classes.setdefault(type(sub), []).append(name)
-    concrete = specialized_defaults(module)
     while True:
         tracer = PlainLeafTracer(frozenset(leaves))
         try:
-            graph = tracer.trace(module, concrete_args=concrete or None)
+            graph = tracer.trace(module)
         except Exception as err:  # anything user code raises under tracing
             culprit, failure = tracer.failing_module, describe_failure(err)
         else:
-            dependence = _mode_dependence(module, graph, leaves, concrete)
+            if tracer.outputs.problem():
+                return None, leaves, tracer.outputs.problem()
+            dependence = _mode_dependence(module, graph, leaves)
             if dependence is None:
-                return cls(module, graph, type(module).__name__), _outermost(leaves), ""
+                traced = traced_class(type(module))(module, graph)
+                return traced, _outermost(leaves), ""
             culprit, failure = dependence
         if not culprit or culprit in leaves:
             return None, leaves, failure
@@ -231,35 +205,42 @@ def _contains_rewritable(module: nn.Module) -> bool:
 
 
 def _eager_scope(module: nn.Module, name: str, reason: str) -> Scope:
+    """``module`` runs its own forward; each child that holds convs becomes a scope of its own
+    (a traced child takes the child's place in ``module``)."""
     scope = Scope(name, module, graph=False, reason=reason)
     for child_name, child in list(module.named_children()):
         if isinstance(child, REWRITABLE_TYPES) or not _contains_rewritable(child):
             continue
-        optional = [arg for arg, value in specialized_defaults(child).items() if value is None]
-        if optional:  # its eager caller may pass them: a trace would fix them to None
-            sub = _eager_scope(child, qualified_name(name, child_name), (
-                f"called by eager code that may pass its optional arguments "
-                f"({', '.join(f'{arg}=None' for arg in optional)}), which a trace would fix"))
-            scope.children.append(sub)
-            continue
-        sub = _scope(child, qualified_name(name, child_name), TracedSubtree)
+        sub = _scope(child, qualified_name(name, child_name), called_by_eager_code=True)
         if sub.graph and sub.module is not child:
             setattr(module, child_name, sub.module)
         scope.children.append(sub)
     return scope
 
 
-def _scope(module: nn.Module, name: str, cls: type) -> Scope:
+def interface_problem(module: nn.Module, called_by_eager_code: bool) -> str | None:
+    """Why ``module``'s forward must stay eager before any trace (see :mod:`legofx.fx.interface`)."""
+    if called_by_eager_code and isinstance(module, CONTAINERS):
+        return (f"a {type(module).__name__} called by eager code, which may iterate or index it: "
+                "it stays as it is and its children are rewritten one by one")
+    return signature_problem(module)
+
+
+def _scope(module: nn.Module, name: str, called_by_eager_code: bool = False) -> Scope:
     if isinstance(module, fx.GraphModule):  # already traced (e.g. transformed before)
         return Scope(name, module, graph=True)
-    gm, leaves, failure = robust_trace(module, cls)
+    problem = interface_problem(module, called_by_eager_code)
+    if problem:
+        return _eager_scope(module, name, problem)
+    gm, leaves, failure = robust_trace(module)
     if gm is None:
         return _eager_scope(module, name, failure)
-    modules = dict(gm.named_modules())  # a leaf the forward never calls is not kept
-    leaves = {leaf: message for leaf, message in leaves.items() if leaf in modules}
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    leaves = {leaf: message for leaf, message in leaves.items() if leaf in called}
     scope = Scope(name, gm, graph=True, leaves=leaves)
     for leaf, message in leaves.items():
-        scope.children.append(_eager_scope(modules[leaf], qualified_name(name, leaf), message))
+        scope.children.append(_eager_scope(gm.get_submodule(leaf), qualified_name(name, leaf),
+                                           message))
     return scope
 
 
@@ -279,7 +260,7 @@ def copy_model(model: nn.Module, shared: Iterable[Tensor] = ()) -> nn.Module:
 def _reachable_modules(model: nn.Module) -> Iterator[nn.Module]:
     for module in model.modules():
         yield module
-        source = module.__dict__.get("_legofx_source")
+        source = module.__dict__.get(SOURCE)
         if source is not None and source is not module:
             yield from source.modules()
 
@@ -311,4 +292,4 @@ def trace_tree(model: nn.Module) -> Scope:
     """
     weights = [m.weight for m in model.modules() if isinstance(m, REWRITABLE_TYPES)
                and isinstance(m.weight, Tensor) and not is_lazy(m.weight)]
-    return _scope(copy_model(model, weights), "", fx.GraphModule)
+    return _scope(copy_model(model, weights), "")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from legofx.core.arguments import (
@@ -75,7 +74,8 @@ def lego_method(o: int, m: int | float, init: str = "random", coefficients: bool
 
 
 def transform(model: nn.Module, o: int = 2, m: int | float = 0.5, *, include=None,
-              exclude=None, init: str = "random", coefficients: bool = True) -> fx.GraphModule:
+              exclude=None, init: str = "random", coefficients: bool = True,
+              example_inputs=None, example_kwargs=None) -> nn.Module:
     """Rewrite every eligible ``nn.Conv2d`` of ``model`` into a trainable LegoNet layer.
 
     Args:
@@ -95,12 +95,26 @@ def transform(model: nn.Module, o: int = 2, m: int | float = 0.5, *, include=Non
 
     A conv is rewritten when ``groups == 1``, ``in_channels % o == 0`` and the resolved
     ``m <= out_channels``; every other conv stays as it is, with its reason in
-    :func:`legofx.summary`. Returns a ``torch.fx.GraphModule`` in which each rewritten call is
-    explicit split / Lego conv / select / merge nodes; its parameters live under the conv's
-    name (``layer1.0.conv1.lego``, ``.proxy``, ``.coef``, ``.bias``).
+    :func:`legofx.summary`. Parameters live under the conv's name (``layer1.0.conv1.lego``,
+    ``.proxy``, ``.coef``, ``.bias``).
+
+    The result is a drop-in replacement for ``model``: it takes the same positional and keyword
+    arguments with the same effect, returns the same types (a ``ModelOutput`` stays one), and
+    keeps the module tree, containers and attributes the model's own code uses. Where the
+    model's ``forward`` traces without changing its interface, the result is a
+    ``torch.fx.GraphModule`` (a :class:`~legofx.fx.traced_module.TracedModule` sharing the
+    model's module tree) in which each rewritten call is explicit split / Lego conv / select /
+    merge nodes; otherwise it is a copy of the model itself, with its traceable children traced
+    and the rest of its convs replaced at module level (``legofx.report`` says where and why).
+
+    ``example_inputs`` (a tensor or tuple of positional arguments) and ``example_kwargs`` (a
+    dict): run the model and the result once (eval mode, no gradients) and raise
+    :class:`legofx.InterfaceError` naming the first difference of output structure, shape or
+    dtype. Without them nothing extra runs.
     """
     o = check_positive_int("o", o)
     m = check_size_spec("m", m, of="each layer's out_channels")
     init = check_choice("init", init, ("random", "weights"))
     coefficients = check_bool("coefficients", coefficients)
-    return rewrite(model, lego_method(o, m, init, coefficients), include=include, exclude=exclude)
+    return rewrite(model, lego_method(o, m, init, coefficients), include=include, exclude=exclude,
+                   example_inputs=example_inputs, example_kwargs=example_kwargs)

@@ -116,7 +116,8 @@ def _start_from(layer, weight: torch.Tensor) -> None:
 
 
 def structure(model: nn.Module, c: int | float = 0.5, n: int = 2, *, include=None,
-              exclude=None, init: str = "project", linear: bool = False) -> nn.Module:
+              exclude=None, init: str = "project", linear: bool = False,
+              example_inputs=None, example_kwargs=None) -> nn.Module:
     """Rewrite every eligible ``nn.Conv2d`` of ``model`` into a :class:`StructuredConv2d`.
 
     Args:
@@ -129,6 +130,8 @@ def structure(model: nn.Module, c: int | float = 0.5, n: int = 2, *, include=Non
             (its relative error goes to the summary's ``extra["init_error"]``), or
             ``"random"``: the scale of a fresh conv (see ``StructuredConv2d.reset_parameters``).
         linear: also rewrite ``nn.Linear`` layers (``c`` as a fraction of in_features).
+        example_inputs, example_kwargs: check the result against ``model`` on one call, as
+            for :func:`legofx.transform`.
 
     A conv is kept (with its reason in :func:`legofx.summary`) when ``groups != 1``, ``n``
     exceeds its kernel height or width, the resolved ``c`` exceeds ``C``, or ``c*n*n >=
@@ -143,7 +146,8 @@ def structure(model: nn.Module, c: int | float = 0.5, n: int = 2, *, include=Non
     method = structure_method(c, n, init)
     if linear:
         method = _conv_or_linear(method, linear_method(c, init))
-    return rewrite(model, method, include=include, exclude=exclude)
+    return rewrite(model, method, include=include, exclude=exclude,
+                   example_inputs=example_inputs, example_kwargs=example_kwargs)
 
 
 def structural_loss(model: nn.Module, c: int | float = 0.5, n: int = 2) -> torch.Tensor:

@@ -1,0 +1,228 @@
+"""The drop-in contract: ``transform`` / ``structure`` / ``fold`` return a model that takes the
+same calls as the original, with the same effect and the same output types, and keeps the
+containers and attributes the model's own code uses (issue 14's bugs, on self-made modules)."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import legofx
+from helpers import TOL64, randomize_lego, relative_error
+from legofx.core.records import stored_meta
+from legofx.fx.interface import compare_calls
+
+
+def conv(c_in=4, c_out=4):
+    return nn.Conv2d(c_in, c_out, 3, padding=1)
+
+
+class Block(nn.Module):
+    """An ultralytics-style block: routing attributes ``f`` (from) and ``i`` (index)."""
+
+    def __init__(self, f, i):
+        super().__init__()
+        self.conv, self.f, self.i, self.type = conv(), f, i, "Block"
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class Add(nn.Module):
+    def __init__(self, f, i):
+        super().__init__()
+        self.f, self.i = f, i
+
+    def forward(self, xs):
+        return xs[0] + xs[1]
+
+
+class Routed(nn.Module):
+    """Iterates its nn.Sequential and routes by each child's ``f``, as ultralytics'
+    ``BaseModel._predict_once`` does; untraceable (a Python loop over a proxy list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(Block(-1, 0), Block(-1, 1), Add([0, -1], 2), Block(-1, 3))
+        self.save = {0}
+
+    def forward(self, x):
+        saved = []
+        for m in self.model:
+            if m.f != -1:
+                x = saved[m.f] if isinstance(m.f, int) else [x if j == -1 else saved[j] for j in m.f]
+            x = m(x)
+            saved.append(x if m.i in self.save else None)
+        if x.sum() > 0:  # data-dependent: the root cannot be traced
+            return x
+        return x
+
+
+def reference(model, x):
+    torch.manual_seed(0)
+    return model(x)
+
+
+def test_a_sequential_its_eager_parent_iterates_stays_iterable():
+    model = Routed().double().eval()
+    gm = legofx.transform(model, o=2, m=2)
+    assert all(r.rewritten for r in legofx.summary(gm))
+    assert isinstance(gm.model, nn.Sequential) and len(gm.model) == 4
+    assert [m.f for m in gm.model] == [-1, -1, [0, -1], -1] and gm.model[1].type == "Block"
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    folded = legofx.fold(gm.eval())
+    assert len(folded.model) == 4
+    assert relative_error(folded(x), gm(x)) <= TOL64
+
+
+class Encoder(nn.Module):
+    """MobileViT's encoder: non-None defaults the caller overrides."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([conv(), conv()])
+
+    def forward(self, x, output_hidden_states=False, return_dict=True):
+        states = []
+        for layer in self.layers:
+            x = layer(x)
+            states.append(x)
+        out = {"last": x, "states": tuple(states) if output_hidden_states else None}
+        return out if return_dict else tuple(out.values())
+
+
+class WithEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.encoder = conv(), Encoder()
+
+    def forward(self, x, output_hidden_states=None):
+        return self.encoder(self.stem(x), output_hidden_states=bool(output_hidden_states))
+
+
+def test_keywords_with_defaults_keep_their_effect():
+    model = WithEncoder().double().eval()
+    gm = legofx.transform(model, o=2, m=2)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    for form in (gm, legofx.fold(gm.eval())):
+        assert form(x)["states"] is None
+        assert len(form(x, output_hidden_states=True)["states"]) == 2
+        assert len(form.encoder(x, True, False)) == 2
+    assert "output_hidden_states=None" in stored_meta(gm)["untraced"]["<root>"]
+
+
+class Kwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = conv()
+
+    def forward(self, x, **kwargs):
+        y = self.conv(x)
+        return y * kwargs["scale"] if "scale" in kwargs else y
+
+
+def test_a_kwargs_forward_does_not_swallow_keywords():
+    model = Kwargs().double().eval()
+    gm = legofx.transform(model, o=2, m=2)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    for form in (gm, legofx.fold(gm.eval())):
+        assert relative_error(form(x, scale=3.0), 3.0 * form(x)) <= TOL64
+    assert legofx.summary(gm)[0].rewritten
+
+
+class Output(OrderedDict):
+    """A transformers-ModelOutput-like result: an OrderedDict subclass with attribute access."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class DataOutput:
+    features: torch.Tensor
+    extra: None = None
+
+
+class ReturnsOutput(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.conv, self.kind = conv(), kind
+
+    def forward(self, x):
+        y = self.conv(x)
+        return Output(features=y) if self.kind == "dict" else DataOutput(y)
+
+
+@pytest.mark.parametrize("kind", ["dict", "dataclass"])
+def test_output_types_are_kept(kind):
+    model = ReturnsOutput(kind).eval()
+    x = torch.randn(1, 4, 5, 5)
+    gm = legofx.transform(model, o=2, m=2, example_inputs=x)
+    expected = type(model(x))
+    for form in (gm, legofx.fold(gm.eval())):
+        out = form(x)
+        assert type(out) is expected and out.features.shape == (1, 4, 5, 5)
+    assert legofx.summary(gm)[0].rewritten
+
+
+def test_a_traced_model_keeps_its_module_tree_and_methods():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    gm = legofx.transform(model, o=2, m=0.5)
+    assert isinstance(gm, torch.fx.GraphModule)  # traced, with explicit Lego nodes
+    assert type(gm.layer4).__name__ == "Sequential" and len(gm.layer4) == 2
+    assert type(gm.layer4[-1]).__name__ == "BasicBlock"
+    assert set(model.state_dict()) - set(gm.state_dict()) == {
+        k for k in model.state_dict() if k.startswith("layer") and k.endswith((
+            "conv1.weight", "conv2.weight", "downsample.0.weight"))}
+    folded = copy.deepcopy(legofx.fold(gm.eval()))
+    assert len(folded.layer1) == 2 and folded._forward_impl is not None  # source's method
+
+
+def test_a_sequential_root_keeps_len_iteration_and_indexing():
+    net = nn.Sequential(conv(), nn.ReLU(), conv()).double().eval()
+    gm = legofx.transform(net, o=2, m=2)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert len(gm) == 3 and isinstance(gm[0], legofx.LegoConv2d)
+    eager = x
+    for layer in gm:  # running the children by hand is the same function
+        eager = layer(eager)
+    assert relative_error(eager, gm(x)) <= TOL64
+    folded = legofx.fold(gm.eval())
+    assert len(folded) == 3 and relative_error(folded[2](folded[1](folded[0](x))), gm(x)) <= TOL64
+
+
+def test_example_inputs_are_checked():
+    model = ReturnsOutput("dict").eval()
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        legofx.transform(model, example_inputs="x")
+    with pytest.raises(TypeError, match="example_kwargs must be a dict"):
+        legofx.transform(model, example_kwargs=[1])
+    with pytest.raises(legofx.InterfaceError, match="the original model failed"):
+        legofx.transform(model, example_inputs=torch.randn(1, 3, 5, 5))
+
+
+def test_compare_calls_names_the_first_difference():
+    class Plain(nn.Module):
+        def forward(self, x):
+            return {"features": x}
+
+    class Wider(nn.Module):
+        def forward(self, x):
+            return {"features": torch.cat([x, x], 1)}
+
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(legofx.InterfaceError, match=r"another structure.*dict"):
+        compare_calls(ReturnsOutput("dict"), Plain(), (x,), {})
+    with pytest.raises(legofx.InterfaceError, match=r"output\['features'\] is float32 \(1, 8, 5, 5\)"):
+        compare_calls(Plain(), Wider(), (x,), {})
