@@ -226,3 +226,31 @@ def test_compare_calls_names_the_first_difference():
         compare_calls(ReturnsOutput("dict"), Plain(), (x,), {})
     with pytest.raises(legofx.InterfaceError, match=r"output\['features'\] is float32 \(1, 8, 5, 5\)"):
         compare_calls(Plain(), Wider(), (x,), {})
+
+
+def test_a_traced_block_keeps_its_class_and_hooks():
+    """Libraries find blocks by class (transformers' output recorders) and users hook them."""
+    model = Routed().eval()
+    seen = []
+    model.model[1].register_forward_hook(lambda module, args, out: seen.append(type(module)))
+    gm = legofx.transform(model, o=2, m=2)
+    assert isinstance(gm.model[1], torch.fx.GraphModule)  # traced: explicit Lego nodes
+    assert isinstance(gm.model[1], Block) and isinstance(gm.model, nn.Sequential)
+    gm(torch.randn(1, 4, 5, 5))
+    assert len(seen) == 1 and issubclass(seen[0], Block)
+    folded = legofx.fold(gm.eval())
+    folded(torch.randn(1, 4, 5, 5))
+    assert len(seen) == 2 and isinstance(folded.model[1], Block)
+
+
+def test_hooks_on_inner_modules_of_a_traced_model_still_run():
+    """A Grad-CAM-style hook on a block of a traceable model: the graph calls that block as a
+    module (its convs rewritten inside it), so the hook sees every forward."""
+    net = nn.Sequential(nn.Sequential(conv(), nn.ReLU()), nn.Sequential(conv(), nn.ReLU()))
+    seen = []
+    net[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    gm = legofx.transform(net.eval(), o=2, m=2)
+    assert all(r.rewritten for r in legofx.summary(gm))
+    for form in (gm, legofx.fold(gm.eval())):
+        form(torch.randn(1, 4, 5, 5))
+    assert seen == [(1, 4, 5, 5)] * 2

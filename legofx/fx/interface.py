@@ -11,6 +11,7 @@ a parent's graph are not concerned) only when
   dataclass would come back as a plain ``dict`` (:class:`OutputTypes`, fed by the tracer).
 
 Otherwise the module stays eager and its children are traced or rewritten one by one. A
+module with hooks inside a traced graph stays a module call (its hooks must run). A
 container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) called by eager code stays
 eager as well: that code may iterate or index it instead of calling it.
 """
@@ -28,6 +29,14 @@ from legofx.core.modes import kept_modes
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PLAIN = (tuple, list, dict)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks, which run only when it is called as a
+    module: a graph that traced through it would skip them."""
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_backward_pre_hooks")
+    return any(getattr(module, attr, None) for attr in hook_dicts)
 
 
 def _describe(parameter: inspect.Parameter) -> str:

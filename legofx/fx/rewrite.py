@@ -15,7 +15,7 @@ from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
 from legofx.core.records import LayerRecord, skipped_record, store_records, stored_records
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
-from legofx.fx.interface import compare_calls
+from legofx.fx.interface import compare_calls, has_hooks
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
 
 
@@ -74,12 +74,6 @@ def _sites(root: Scope, kinds: tuple[type, ...], originals: dict[str, nn.Module]
     return sites
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                  "_backward_pre_hooks")
-    return any(getattr(module, attr, None) for attr in hook_dicts)
-
-
 def generic_reason_to_skip(module: nn.Module, use: passes.ModuleUse | None) -> str | None:
     """Why a layer cannot be rewritten whatever the method, or ``None``.
 
@@ -95,7 +89,7 @@ def generic_reason_to_skip(module: nn.Module, use: passes.ModuleUse | None) -> s
         return "uninitialised lazy module: run one forward pass before transforming"
     if parametrize.is_parametrized(module):
         return "its weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
-    if _has_hooks(module):
+    if has_hooks(module):
         return "it has hooks registered, which replacing the module would drop"
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not floating point"

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from legofx.core.layer import RewrittenLayer
-from legofx.fx.interface import CONTAINERS, OutputTypes, signature_problem
-from legofx.fx.traced_module import SOURCE, traced_class
+from legofx.fx.interface import CONTAINERS, OutputTypes, has_hooks, signature_problem
+from legofx.fx.traced_module import SOURCE, traced_module
 
 REWRITABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -173,7 +173,10 @@ def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, st
     class (outside ``torch.nn``) a leaf too, so a model with 24 identical failing blocks is
     traced twice, not 25 times.
     """
-    leaves: dict[str, str] = {}
+    leaves: dict[str, str] = {
+        name: "it has hooks, which run only when it is called as a module"
+        for name, sub in module.named_modules()
+        if name and has_hooks(sub) and not isinstance(sub, (RewrittenLayer, *REWRITABLE_TYPES))}
     classes: dict[type, list[str]] = {}
     for name, sub in module.named_modules():
         classes.setdefault(type(sub), []).append(name)
@@ -188,7 +191,7 @@ def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, st
                 return None, leaves, tracer.outputs.problem()
             dependence = _mode_dependence(module, graph, leaves)
             if dependence is None:
-                traced = traced_class(type(module))(module, graph)
+                traced = traced_module(module, graph)
                 return traced, _outermost(leaves), ""
             culprit, failure = dependence
         if not culprit or culprit in leaves:
