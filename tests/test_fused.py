@@ -262,3 +262,31 @@ def test_custom_ops_is_checked(kwargs, error, message):
     gm = trained_block(nn.ReLU())
     with pytest.raises(error, match=message):
         legofx.fold(gm, example_inputs=torch.randn(1, 8, 8, 8), **kwargs)
+
+
+VECTOR_ROWS = {"portable": 0, "avx2": 8, "avx512": 16}
+
+
+@pytest.mark.parametrize("path", merge_kernel.supported_paths())
+def test_every_kernel_path_this_cpu_runs_computes_the_gather_lowering(path, monkeypatch):
+    """LEGOFX_KERNEL picks the compiled code path; each one the machine supports (plain C,
+    AVX2, AVX-512) gets a few drawn operator inputs, float32 and float64."""
+    monkeypatch.setenv("LEGOFX_KERNEL", path)
+    assert merge_kernel.library().lego_merge_vectorized() == VECTOR_ROWS.get(
+        path, merge_kernel.library().lego_merge_vectorized())
+
+    @settings(max_examples=6)
+    @given(data=st.data())
+    def check(data):
+        for dtype in (torch.float32, torch.float64):
+            inputs = data.draw(operator_inputs(dtype))
+            assert relative_error(fused_op(*inputs), gather_form(*inputs)) <= tolerance(dtype)
+
+    check()
+
+
+def test_a_path_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(merge_kernel.loader, "_libraries", {})
+    monkeypatch.setattr(merge_kernel.loader, "cpu_flags", lambda: {"fma"})
+    monkeypatch.setenv("LEGOFX_KERNEL", "avx512")
+    assert "LEGOFX_KERNEL=avx512: this CPU lacks avx2, avx512f" in merge_kernel.available()
