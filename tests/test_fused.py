@@ -290,3 +290,33 @@ def test_a_path_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(merge_kernel.loader, "cpu_flags", lambda: {"fma"})
     monkeypatch.setenv("LEGOFX_KERNEL", "avx512")
     assert "LEGOFX_KERNEL=avx512: this CPU lacks avx2, avx512f" in merge_kernel.available()
+
+
+def _valid_operator_arguments():
+    x, lego = torch.randn(1, 4, 5, 5), torch.randn(2, 2, 1, 1)
+    index = (torch.randint(0, 2, (8, 2)) + torch.tensor([0, 2])).flatten()
+    return {"x": x, "lego": lego, "index": index, "coef": torch.randn(8, 2), "bias": torch.randn(8),
+            "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "relu": False}
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("bias", torch.randn(1), r"bias must have shape \(8,\)"),
+    ("index", torch.tensor([0, 2]), "index must be 1-D integers with n\\*o = 16 entries"),
+    ("index", torch.zeros(16), "index must be 1-D integers"),
+    ("coef", torch.randn(8, 2, 1), "coef 2-D"),
+    ("lego", torch.randn(2, 3, 1, 1), "x has 4 channels, o \\* lego.shape\\[1\\] = 2 \\* 3"),
+    ("lego", torch.randn(2, 2, 1, 1, dtype=torch.float64), "one dtype"),
+    ("coef", torch.ones(8, 2, dtype=torch.int64), "coef must be floating point"),
+    ("stride", [0, 1], r"stride must be 2 ints >= 1, got stride=\[0, 1\]"),
+    ("padding", [1], "padding must be 2 ints >= 0"),
+])
+def test_arguments_that_disagree_are_refused_before_the_kernel_reads_them(name, bad, message):
+    """On the kernel's path (CPU float32) and the PyTorch path (bfloat16) alike."""
+    arguments = {**_valid_operator_arguments(), name: bad}
+    with pytest.raises(ValueError, match=message):
+        fused_op(*arguments.values())
+    if name != "lego" or "dtype" not in message:
+        arguments = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in arguments.items()}
+        with pytest.raises(ValueError, match=message):
+            fused_op(*arguments.values())
