@@ -1,6 +1,7 @@
 """The fused Lego operator (torch.ops.legofx.lego_conv_merge, its C merge kernel) and the
 "fused" lowering."""
 
+import copy
 import os
 
 import pytest
@@ -109,8 +110,7 @@ def test_repeated_filters_are_kept_while_the_filters_do_not_change():
 @settings(max_examples=15)
 @given(inputs=operator_inputs())
 def test_gradients_through_the_operator_are_the_gather_lowerings(inputs):
-    """Its backward against autograd through plain PyTorch ops, in float64. (Not gradcheck: it
-    perturbs inputs through ``.data``, which the kept repeated filters do not see.)"""
+    """Its backward against autograd through plain PyTorch ops, in float64."""
     x, lego, index, coef, bias, *rest = inputs
     grads = []
     for function in (fused_op, gather_form):
@@ -320,3 +320,19 @@ def test_arguments_that_disagree_are_refused_before_the_kernel_reads_them(name, 
                      for k, v in arguments.items()}
         with pytest.raises(ValueError, match=message):
             fused_op(*arguments.values())
+
+
+@pytest.mark.parametrize("write", ["in-place write to p.data", "EMA through p.data"])
+def test_writes_through_data_are_seen_by_the_kept_repeated_filters(write):
+    """.data writes bypass the version counter: the kept copy is compared, never used stale."""
+    folded = legofx.fold(trained_block(nn.ReLU()).double(), "fused")
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        folded(x)  # the repeated filters are kept now
+        for p in folded.parameters():
+            if write == "in-place write to p.data":
+                p.data.mul_(0.5)
+            else:
+                p.data.mul_(0.9).add_(torch.randn_like(p), alpha=0.1)
+        fresh = copy.deepcopy(folded)  # new tensors: repeated afresh from the written values
+        assert relative_error(folded(x), fresh(x)) <= tolerance(torch.float64)
