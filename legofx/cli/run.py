@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     gm = apply_method(model, args)
     transformed = time.perf_counter()
-    folded = fold(gm)
+    folded = fold(gm.eval())
     done = time.perf_counter()
     print(report(folded, x))
     with torch.no_grad():
