@@ -109,8 +109,8 @@ def sum_pool(x: Tensor, channels: int, window: tuple[int, int, int],
     """
     kc, wh, ww = window
     if kc > 1:
-        running = F.pad(x.cumsum(1), (0, 0, 0, 0, 1, 0))  # running[:, i] = sum of x[:, :i]
-        x = running[:, kc:] - running[:, :-kc]
+        running = F.pad(x.cumsum(-3), (0, 0, 0, 0, 1, 0))  # running[:, i] = sum of x[:, :i]
+        x = running[..., kc:, :, :] - running[..., :-kc, :, :]  # (an unbatched x: (C, H, W))
     if wh * ww > 1:
         pooled = channels - kc + 1
         x = F.conv2d(x, x.new_ones((pooled, 1, wh, ww)), None, 1, 0, dilation, pooled)
