@@ -45,13 +45,11 @@ def structure_matrix(C: int, kh: int, kw: int, c: int, nh: int, nw: int,
     return torch.kron(torch.kron(band(C, c), band(kh, nh)), band(kw, nw)).to(dtype)
 
 
-def _along_axes(weight: Tensor, matrices: list[Tensor], shapes: list | None = None) -> Tensor:
-    """Apply ``matrices[i]`` (``(new, old)``, or ``shapes[i]`` when given: the matrices may
-    be graph values) along axis ``i + 1`` of ``weight``, the most shrinking first (the same
-    result, fewer multiplications)."""
-    shapes = shapes or [matrix.shape for matrix in matrices]
+def _along_axes(weight: Tensor, matrices: list[Tensor]) -> Tensor:
+    """Apply ``matrices[i]`` (``(new, old)``) along axis ``i + 1`` of ``weight``, the most
+    shrinking first (the same result, fewer multiplications)."""
     order = sorted(enumerate(matrices, start=1),
-                   key=lambda item: shapes[item[0] - 1][0] / shapes[item[0] - 1][1])
+                   key=lambda item: item[1].shape[0] / item[1].shape[1])
     for axis, matrix in order:
         weight = torch.tensordot(matrix.to(weight), weight.movedim(axis, 0), 1).movedim(0, axis)
     return weight
@@ -61,20 +59,34 @@ def pool_window(full: tuple[int, ...], under: tuple[int, ...]) -> tuple[int, ...
     return tuple(size - small + 1 for size, small in zip(full, under))
 
 
+def sliding_sum(x: Tensor, length: int, window: int, dim: int) -> Tensor:
+    """The sums of ``window`` consecutive entries along ``dim`` (negative; ``length`` entries
+    there, given so that a graph holds constants): ``length - window + 1`` of them, by a running
+    sum (``cumsum``, then the difference of its values ``window`` apart), whatever the window.
+    It rounds like a sum of ``length`` terms (relative ~1e-7 in float32)."""
+    running = F.pad(x.cumsum(dim), (0, 0) * (-dim - 1) + (1, 0))
+    count = length - window + 1
+    return running.narrow(dim, window, count) - running.narrow(dim, 0, count)
+
+
 def compose_weight(alpha: Tensor, window: tuple[int, ...], under: tuple[int, ...]) -> Tensor:
     """``W = A alpha``: ``alpha (out, c, nh, nw)`` -> ``(out, C, kh, kw)`` for the block
     ``window = (C-c+1, kh-nh+1, kw-nw+1)`` and ``under = (c, nh, nw)`` (or ``(out, f) ->
     (out, F)`` for ``(F-f+1,)`` and ``(f,)``).
 
-    ``A`` is a Kronecker product of band matrices (:func:`band`, made here from ``ones`` with
-    ``tril`` / ``triu`` so that a traced graph holds no constant tensor), so ``A alpha`` is one
-    small matrix product per axis: differentiable, plain ops, on the fast matmul path. (A
-    transposed 3-D conv with an all-ones kernel computes the same, but CPU PyTorch runs it off
-    oneDNN: a ResNet-18 training step took 12x the dense one; benchmarks/structured_speed.py
-    --train-step.)"""
-    shapes = [(small + size - 1, small) for small, size in zip(under, window)]
-    bands = [alpha.new_ones(shape).tril().triu(shape[1] - shape[0]) for shape in shapes]
-    return _along_axes(alpha, bands, shapes)
+    ``A`` is a Kronecker product of band matrices (:func:`band`): along each axis, entry ``r``
+    of ``W`` sums the ``window`` entries of ``alpha`` up to ``r`` (zero-padded), a
+    :func:`sliding_sum`, linear in the weight's size and differentiable. (A transposed 3-D conv
+    with an all-ones kernel computes the same, but CPU PyTorch runs it off oneDNN: a ResNet-18
+    training step took 12x the dense one; ``benchmarks/structured_speed.py --train-step``.)"""
+    dims = len(under)
+    for axis, (small, size) in enumerate(zip(under, window)):
+        if size == 1:
+            continue
+        dim = axis - dims
+        padded = F.pad(alpha, (0, 0) * (-dim - 1) + (size - 1, size - 1))
+        alpha = sliding_sum(padded, small + 2 * (size - 1), size, dim)
+    return alpha
 
 
 @torch.no_grad()
@@ -117,9 +129,8 @@ def sum_pool(x: Tensor, channels: int, window: tuple[int, int, int],
     on CPU. The running sum rounds like a sum of ``C`` terms (relative ~1e-7 in float32).
     """
     kc, wh, ww = window
-    if kc > 1:
-        running = F.pad(x.cumsum(-3), (0, 0, 0, 0, 1, 0))  # running[:, i] = sum of x[:, :i]
-        x = running[..., kc:, :, :] - running[..., :-kc, :, :]  # (an unbatched x: (C, H, W))
+    if kc > 1:  # dim -3: an unbatched (C, H, W) input too
+        x = sliding_sum(x, channels, kc, -3)
     if wh * ww > 1:
         pooled = channels - kc + 1
         x = F.conv2d(x, x.new_ones((pooled, 1, wh, ww)), None, 1, 0, dilation, pooled)
@@ -308,9 +319,7 @@ class FoldedStructuredLinear(_StructuredLinear):
 
     def compute(self, x, attr, stage):
         with stage("sum_pool"):  # running sum over the features, as in sum_pool
-            window = self.in_features - self.f + 1
-            running = F.pad(x.cumsum(-1), (1, 0))
-            pooled = running[..., window:] - running[..., :-window]
+            pooled = sliding_sum(x, self.in_features, self.in_features - self.f + 1, -1)
         with stage("linear"):
             return F.linear(pooled, attr("alpha"), attr("bias"))
 
