@@ -261,7 +261,7 @@ def test_conv_with_own_forward_gets_a_generated_weight():
         assert relative_error(legofx.fold(gm)(x), gm(x)) <= tolerance(torch.float64)
 
 
-def test_training_form_composes_its_weight_by_matrix_products_not_a_transposed_conv():
+def test_training_form_composes_its_weight_by_running_sums_not_a_transposed_conv():
     """A transposed 3-D conv runs off oneDNN on CPU (a ResNet-18 training step took 12x the
     dense one; the speed is measured by benchmarks/structured_speed.py --train-step, not here):
     the graph composes W = A alpha with a running sum per axis (float64: exact to rounding)."""
