@@ -45,11 +45,13 @@ def structure_matrix(C: int, kh: int, kw: int, c: int, nh: int, nw: int,
     return torch.kron(torch.kron(band(C, c), band(kh, nh)), band(kw, nw)).to(dtype)
 
 
-def _along_axes(weight: Tensor, matrices: list[Tensor]) -> Tensor:
-    """Apply ``matrices[i]`` (``(new, old)``) along axis ``i + 1`` of ``weight``, the most
-    shrinking first (the same result, fewer multiplications)."""
+def _along_axes(weight: Tensor, matrices: list[Tensor], shapes: list | None = None) -> Tensor:
+    """Apply ``matrices[i]`` (``(new, old)``, or ``shapes[i]`` when given: the matrices may
+    be graph values) along axis ``i + 1`` of ``weight``, the most shrinking first (the same
+    result, fewer multiplications)."""
+    shapes = shapes or [matrix.shape for matrix in matrices]
     order = sorted(enumerate(matrices, start=1),
-                   key=lambda item: item[1].shape[0] / item[1].shape[1])
+                   key=lambda item: shapes[item[0] - 1][0] / shapes[item[0] - 1][1])
     for axis, matrix in order:
         weight = torch.tensordot(matrix.to(weight), weight.movedim(axis, 0), 1).movedim(0, axis)
     return weight
@@ -74,19 +76,16 @@ def compose_weight(alpha: Tensor, window: tuple[int, ...], under: tuple[int, ...
     ``window = (C-c+1, kh-nh+1, kw-nw+1)`` and ``under = (c, nh, nw)`` (or ``(out, f) ->
     (out, F)`` for ``(F-f+1,)`` and ``(f,)``).
 
-    ``A`` is a Kronecker product of band matrices (:func:`band`): along each axis, entry ``r``
-    of ``W`` sums the ``window`` entries of ``alpha`` up to ``r`` (zero-padded), a
-    :func:`sliding_sum`, linear in the weight's size and differentiable. (A transposed 3-D conv
-    with an all-ones kernel computes the same, but CPU PyTorch runs it off oneDNN: a ResNet-18
-    training step took 12x the dense one; ``benchmarks/structured_speed.py --train-step``.)"""
-    dims = len(under)
-    for axis, (small, size) in enumerate(zip(under, window)):
-        if size == 1:
-            continue
-        dim = axis - dims
-        padded = F.pad(alpha, (0, 0) * (-dim - 1) + (size - 1, size - 1))
-        alpha = sliding_sum(padded, small + 2 * (size - 1), size, dim)
-    return alpha
+    ``A`` is a Kronecker product of band matrices (:func:`band`, made here from ``ones`` with
+    ``tril`` / ``triu`` so that a traced graph holds no constant tensor), so ``A alpha`` is one
+    small matrix product per axis: differentiable, plain ops, on the fast matmul path. (A
+    transposed 3-D conv with an all-ones kernel computes the same, but CPU PyTorch runs it off
+    oneDNN: a ResNet-18 training step took 12x the dense one; running sums per axis took about
+    twice the matrix products' time, being many passes over memory;
+    ``benchmarks/structured_speed.py --train-step``.)"""
+    shapes = [(small + size - 1, small) for small, size in zip(under, window)]
+    bands = [alpha.new_ones(shape).tril().triu(shape[1] - shape[0]) for shape in shapes]
+    return _along_axes(alpha, bands, shapes)
 
 
 @torch.no_grad()
