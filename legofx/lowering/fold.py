@@ -4,7 +4,9 @@ Every training-form layer is replaced by the inference form ``strategy`` names (
 :mod:`legofx.lowering.auto` and the registry), in the graphs and at module level alike; then
 the registered absorbers fold what follows a layer into it (BatchNorm with
 ``fuse_batchnorm=True``; a ReLU into a fused Lego layer), and the new layers are expanded into
-graph nodes. Folding a folded model re-lowers nothing and returns an equal copy.
+graph nodes. Folding a folded model with ``strategy=None`` re-lowers nothing and returns an
+equal copy; with a named strategy it is refused (the folded layers no longer hold what the
+other lowerings are built from: fold the training-form model instead).
 """
 
 from __future__ import annotations
