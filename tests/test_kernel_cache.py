@@ -125,7 +125,7 @@ def test_auto_drops_fused_with_the_reason_whatever_the_cause(cause, monkeypatch,
         monkeypatch.setenv("CC", "false")
     else:
         monkeypatch.setenv("LEGOFX_KERNEL", "sse9")
-    gm = legofx.transform(nn.Sequential(nn.Conv2d(4, 8, 3)), o=2, m=2)
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(4, 8, 3)), o=2, m=2).eval()
     with pytest.raises(merge_kernel.KernelUnavailable, match="strategy='fused'"):
         legofx.fold(gm, "fused")
     folded = legofx.fold(gm, "auto", example_inputs=torch.randn(1, 4, 6, 6), custom_ops=True)
