@@ -16,6 +16,11 @@ Per torchvision model (random weights, eval mode, float32, 3x224x224 inputs):
 - ``... auto``: the same folded with ``strategy="auto"`` (per layer, the faster of the
   method's lowering and the dense reconstructed conv, timed in eager mode on this machine).
 
+``--train-step``: instead, the cost of one training step (train mode, forward + backward of
+``out.square().mean()``, gradients zeroed) of the original and of the training forms
+(``structure(c=0.5, n=...)``, ``transform(o=2, m=0.5)``), batch ``--batches`` (default 2);
+results go to ``benchmarks/results/structured_train_step.json``.
+
 Latency: ``--reps`` repetitions; each runs every variant once, in turn (interleaved, so drift
 of the machine hits all variants alike), after warm-up; the median is reported, with the ratio
 to the original's median. Parameters are the folded model's parameters; MACs come from
@@ -78,6 +83,57 @@ def variants(name: str, x: torch.Tensor) -> dict[str, dict]:
     return out
 
 
+def training_steps(name: str) -> dict[str, dict]:
+    """One training step of the original and of each training form, as callables of ``x``."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    n = STRUCTURE_N[name]
+    forms = {"original": (model, "-"),
+             "structured": (legofx.structure(model, c=0.5, n=n, init="random"), f"c=0.5 n={n}"),
+             "lego": (legofx.transform(model, o=2, m=0.5), "o=2 m=0.5")}
+    out = {}
+    for label, (form, setting) in forms.items():
+        form.train()
+
+        def step(x, form=form):
+            form.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                form(x).square().mean().backward()
+
+        out[label] = {"model": step, "setting": setting,
+                      "params": sum(p.numel() for p in form.parameters())}
+    return out
+
+
+def main_train_step(args) -> None:
+    rows, results = [], []
+    for name in args.models:
+        for batch in args.batches:
+            x = torch.randn(batch, 3, 224, 224)
+            entries = training_steps(name)
+            times = interleaved_times({k: e["model"] for k, e in entries.items()}, x,
+                                      rounds=args.reps, warmup=args.warmup)
+            base = statistics.median(times["original"])
+            for label, entry in entries.items():
+                median = statistics.median(times[label])
+                results.append({"model": name, "batch": batch, "variant": label,
+                                "setting": entry["setting"], "median_ms": median * 1e3,
+                                "times_ms": [t * 1e3 for t in times[label]],
+                                "ratio_vs_original": median / base})
+                rows.append([name, batch, label, entry["setting"], f"{median * 1e3:.1f}",
+                             f"{median / base:.2f}x"])
+    print(tabulate(rows, ["model", "batch", "training step", "setting", "median ms",
+                          "vs original"], tablefmt="github"))
+    meta = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps,
+            "warmup": args.warmup, "machine": platform.machine(), "processor": platform.processor(),
+            "input": "Bx3x224x224 float32, train mode, forward + backward, CPU eager",
+            "load_average": os.getloadavg()}
+    out = args.out if args.out != RESULTS else RESULTS.with_name("structured_train_step.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\nsaved {out} (load average {meta['load_average'][0]:.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(STRUCTURE_N))
@@ -86,8 +142,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--train-step", action="store_true",
+                        help="time one training step (forward + backward) of the training forms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.train_step:
+        if args.batches == [1, 8]:
+            args.batches = [2]
+        return main_train_step(args)
     rows, results = [], []
     for name in args.models:
         for batch in args.batches:

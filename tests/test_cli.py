@@ -60,3 +60,72 @@ def test_structured_method_from_the_command_line(tmp_path, capsys):
                  "--out", str(onnx)]) == 0
     assert onnx.stat().st_size > 0
     assert "structured c=0.5 n=2" in capsys.readouterr().out
+
+
+def test_include_takes_one_value_so_the_model_can_follow(tmp_path, capsys):
+    spec = model_file(tmp_path, "nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)", (2, 3, 12, 12))
+    assert main(["run", "--include", "2", spec, "--o", "1", "--m", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "input (2, 3, 12, 12)" in out  # the file's model, not the default resnet18
+    assert main(["run", "--exclude", "0", "--exclude", "x,y", spec]) == 2
+    assert "exclude pattern 'x' matches no Conv2d" in capsys.readouterr().err  # all three kept
+    with pytest.raises(SystemExit):
+        main(["run", "--include", f"0,{spec}"])
+    assert "looks like a MODEL" in capsys.readouterr().err
+
+
+def _no_model_building(monkeypatch):
+    """Checks run before any slow work: building the model would fail the test."""
+    from legofx.cli import export, run
+
+    def refuse(spec):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(export, "build_model", refuse)
+    monkeypatch.setattr(run, "build_model", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "torchvision:resnet18", "--out", "x.xyz"], "--out must end in .pt2"),
+    (["export", "torchvision:resnet18", "--out", "x.onnx", "--strategy", "fast"], "strategy='fast'"),
+    (["export", "torchvision:resnet18", "--out", "x.onnx", "--batch", "0"], "--batch must be"),
+    (["run", "torchvision:resnet18", "--input-size", "0"], "--input-size must be an int >= 1, got 0"),
+    (["run", "torchvision:resnet18", "--method", "structured", "--n", "0"], "n=0"),
+])
+def test_bad_options_are_refused_before_any_slow_work(args, message, monkeypatch, capsys):
+    _no_model_building(monkeypatch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("layers, args, message", [
+    ("nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)", ["--o", "1000"],
+     "--o 1000 divides no conv's in_channels"),
+    ("nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)", ["--o", "1", "--m", "100000"],
+     "--m 100000 exceeds every conv's out_channels (largest 8)"),
+    ("nn.Linear(3, 4)", [], "has no nn.Conv2d: there is nothing to rewrite"),
+    ("nn.Conv2d(3, 8, 3)", ["--method", "structured", "--n", "5"], "--n 5 exceeds every conv's kernel"),
+])
+def test_settings_no_conv_can_take_are_refused_before_the_rewrite(tmp_path, layers, args, message,
+                                                                  monkeypatch, capsys):
+    from legofx.cli import common
+
+    monkeypatch.setattr(common, "transform", None)  # calling it would fail the test
+    monkeypatch.setattr(common, "structure", None)
+    spec = model_file(tmp_path, layers, (1, 3, 8, 8))
+    assert main(["run", spec, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_rewrite_that_rewrites_nothing_warns(tmp_path, capsys):
+    spec = model_file(tmp_path, "nn.Conv2d(4, 4, 3, groups=2)", (1, 4, 8, 8))
+    assert main(["run", spec, "--o", "1", "--m", "2"]) == 0
+    assert "warning: no conv was rewritten with o=1 m=2 (1 of 1: groups=2" in capsys.readouterr().err
+
+
+def test_help_says_a_model_file_is_run(capsys):
+    for command in ("run", "export"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "runs the file's code" in " ".join(capsys.readouterr().out.split())

@@ -98,3 +98,25 @@ def test_out_is_required_and_run_stays_the_default(net_file, capsys):
     assert "--out" in capsys.readouterr().err
     assert main([net_file, "--o", "1", "--m", "2"]) == 0  # no subcommand: run
     assert "fold equivalence verified" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a checkpoint", "is not a state_dict torch.load can read"),
+    ("list", "holds a list, not a state_dict"),
+    ("o=4", "does not fit the model transformed with --method lego o=2 m=4: 0: the checkpoint's "
+            "Lego layer was made with o=4, m=4"),
+])
+def test_bad_or_mismatched_weights_give_one_line(net_file, tmp_path, content, message, capsys):
+    from legofx.cli.model_spec import build_model
+
+    path = tmp_path / "weights.pt"
+    if content == "list":
+        torch.save([torch.zeros(1)], path)
+    elif content == "o=4":
+        torch.save(legofx.transform(build_model(net_file)[0], o=4, m=4).state_dict(), path)
+    else:
+        path.write_bytes(content)
+    assert main(["export", net_file, "--m", "4", "--weights", str(path), "--out",
+                 str(tmp_path / "net.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"--weights {str(path)!r}" in err and len(err.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """fold: constant-folds every selection into an int64 index; leaves its input alone."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_folded_graph_holds_constant_indices_and_no_selection_ops():
 
 def test_fold_keeps_the_training_flag_and_works_without_rewrites():
     gm = transformed().train()
-    assert legofx.fold(gm).training
+    with pytest.warns(UserWarning, match="training mode"):
+        assert legofx.fold(gm).training
     untouched = legofx.transform(model(), o=2, m=3, include="4")  # the grouped conv only
     folded = legofx.fold(untouched)
     x = torch.randn(1, 4, 6, 6)
@@ -85,3 +87,29 @@ def test_pickled_model_gets_a_clear_error():
     loaded = torch.load(buffer, weights_only=False)
     with pytest.raises(ValueError, match="lost its records.*load_state_dict"):
         legofx.fold(loaded)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "merge-conv", "gather"])
+def test_a_folded_model_is_not_lowered_again_silently(strategy):
+    folded = legofx.fold(transformed().eval())
+    with pytest.raises(ValueError, match=rf"strategy='{strategy}': this model is already folded "
+                                         r"\(gather.*fold the training-form model"):
+        legofx.fold(folded, strategy)
+    with pytest.raises(ValueError, match="strategy='no-such-strategy'"):
+        legofx.fold(folded, "no-such-strategy")
+    assert isinstance(legofx.fold(folded).get_submodule("0"), FoldedLegoConv2d)  # None: a copy
+
+
+def test_fold_of_a_training_mode_model_warns():
+    gm = transformed()
+    with pytest.warns(UserWarning, match=r"training mode.*fold\(gm.eval\(\)\)"):
+        assert legofx.fold(gm.train()).training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        legofx.fold(gm.eval())
+
+
+def test_fold_of_a_model_on_the_meta_device_names_the_cause():
+    gm = legofx.transform(model().to("meta"), o=2, m=3)
+    with pytest.raises(ValueError, match=r"meta device \(no values: 0.lego.*load_state_dict"):
+        legofx.fold(gm.eval())

@@ -1,6 +1,7 @@
 """The fused Lego operator (torch.ops.legofx.lego_conv_merge, its C merge kernel) and the
 "fused" lowering."""
 
+import copy
 import os
 
 import pytest
@@ -109,8 +110,7 @@ def test_repeated_filters_are_kept_while_the_filters_do_not_change():
 @settings(max_examples=15)
 @given(inputs=operator_inputs())
 def test_gradients_through_the_operator_are_the_gather_lowerings(inputs):
-    """Its backward against autograd through plain PyTorch ops, in float64. (Not gradcheck: it
-    perturbs inputs through ``.data``, which the kept repeated filters do not see.)"""
+    """Its backward against autograd through plain PyTorch ops, in float64."""
     x, lego, index, coef, bias, *rest = inputs
     grads = []
     for function in (fused_op, gather_form):
@@ -145,11 +145,12 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
     first = merge_kernel.build()
     stamp = first.stat().st_mtime_ns
     assert first.parent == tmp_path and merge_kernel.build() == first
-    assert first.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+    assert first.stat().st_mtime_ns == stamp
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".sha256", ".so"]
 
 
 def test_without_a_compiler_fused_is_refused_with_the_reason(monkeypatch):
-    monkeypatch.setattr(merge_kernel.loader, "_library", None)
+    monkeypatch.setattr(merge_kernel.loader, "_libraries", {})
     monkeypatch.setattr(merge_kernel.loader, "find_compiler", lambda: None)
     gm = legofx.transform(nn.Sequential(nn.Conv2d(4, 8, 3)), o=2, m=2)
     with pytest.raises(merge_kernel.KernelUnavailable, match="strategy='fused'.*no C compiler"):
@@ -261,3 +262,77 @@ def test_custom_ops_is_checked(kwargs, error, message):
     gm = trained_block(nn.ReLU())
     with pytest.raises(error, match=message):
         legofx.fold(gm, example_inputs=torch.randn(1, 8, 8, 8), **kwargs)
+
+
+VECTOR_ROWS = {"portable": 0, "avx2": 8, "avx512": 16}
+
+
+@pytest.mark.parametrize("path", merge_kernel.supported_paths())
+def test_every_kernel_path_this_cpu_runs_computes_the_gather_lowering(path, monkeypatch):
+    """LEGOFX_KERNEL picks the compiled code path; each one the machine supports (plain C,
+    AVX2, AVX-512) gets a few drawn operator inputs, float32 and float64."""
+    monkeypatch.setenv("LEGOFX_KERNEL", path)
+    assert merge_kernel.library().lego_merge_vectorized() == VECTOR_ROWS.get(
+        path, merge_kernel.library().lego_merge_vectorized())
+
+    @settings(max_examples=6)
+    @given(data=st.data())
+    def check(data):
+        for dtype in (torch.float32, torch.float64):
+            inputs = data.draw(operator_inputs(dtype))
+            assert relative_error(fused_op(*inputs), gather_form(*inputs)) <= tolerance(dtype)
+
+    check()
+
+
+def test_a_path_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(merge_kernel.loader, "_libraries", {})
+    monkeypatch.setattr(merge_kernel.loader, "cpu_flags", lambda: {"fma"})
+    monkeypatch.setenv("LEGOFX_KERNEL", "avx512")
+    assert "LEGOFX_KERNEL=avx512: this CPU lacks avx2, avx512f" in merge_kernel.available()
+
+
+def _valid_operator_arguments():
+    x, lego = torch.randn(1, 4, 5, 5), torch.randn(2, 2, 1, 1)
+    index = (torch.randint(0, 2, (8, 2)) + torch.tensor([0, 2])).flatten()
+    return {"x": x, "lego": lego, "index": index, "coef": torch.randn(8, 2), "bias": torch.randn(8),
+            "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "relu": False}
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("bias", torch.randn(1), r"bias must have shape \(8,\)"),
+    ("index", torch.tensor([0, 2]), "index must be 1-D integers with n\\*o = 16 entries"),
+    ("index", torch.zeros(16), "index must be 1-D integers"),
+    ("coef", torch.randn(8, 2, 1), "coef 2-D"),
+    ("lego", torch.randn(2, 3, 1, 1), "x has 4 channels, o \\* lego.shape\\[1\\] = 2 \\* 3"),
+    ("lego", torch.randn(2, 2, 1, 1, dtype=torch.float64), "one dtype"),
+    ("coef", torch.ones(8, 2, dtype=torch.int64), "coef must be floating point"),
+    ("stride", [0, 1], r"stride must be 2 ints >= 1, got stride=\[0, 1\]"),
+    ("padding", [1], "padding must be 2 ints >= 0"),
+])
+def test_arguments_that_disagree_are_refused_before_the_kernel_reads_them(name, bad, message):
+    """On the kernel's path (CPU float32) and the PyTorch path (bfloat16) alike."""
+    arguments = {**_valid_operator_arguments(), name: bad}
+    with pytest.raises(ValueError, match=message):
+        fused_op(*arguments.values())
+    if name != "lego" or "dtype" not in message:
+        arguments = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in arguments.items()}
+        with pytest.raises(ValueError, match=message):
+            fused_op(*arguments.values())
+
+
+@pytest.mark.parametrize("write", ["in-place write to p.data", "EMA through p.data"])
+def test_writes_through_data_are_seen_by_the_kept_repeated_filters(write):
+    """.data writes bypass the version counter: the kept copy is compared, never used stale."""
+    folded = legofx.fold(trained_block(nn.ReLU()).double(), "fused")
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        folded(x)  # the repeated filters are kept now
+        for p in folded.parameters():
+            if write == "in-place write to p.data":
+                p.data.mul_(0.5)
+            else:
+                p.data.mul_(0.9).add_(torch.randn_like(p), alpha=0.1)
+        fresh = copy.deepcopy(folded)  # new tensors: repeated afresh from the written values
+        assert relative_error(folded(x), fresh(x)) <= tolerance(torch.float64)

@@ -83,7 +83,7 @@ def test_projection_of_a_structured_weight_is_exact(data):
     alpha = torch.randn(conv.out_channels, c, n, n, dtype=torch.float64)
     window = (conv.in_channels - c + 1, conv.kernel_size[0] - n + 1, conv.kernel_size[1] - n + 1)
     with torch.no_grad():
-        conv.weight.copy_(compose_weight(alpha, window))
+        conv.weight.copy_(compose_weight(alpha, window, (c, n, n)))
     gm = legofx.structure(nn.Sequential(conv), c=c, n=n)  # init="project"
     record = legofx.summary(gm)[0]
     assert record.extra["init_error"] <= 1e-12
@@ -259,3 +259,17 @@ def test_conv_with_own_forward_gets_a_generated_weight():
     assert relative_error(gm(x), expected) <= tolerance(torch.float64)
     with torch.no_grad():
         assert relative_error(legofx.fold(gm)(x), gm(x)) <= tolerance(torch.float64)
+
+
+def test_training_form_composes_its_weight_by_matrix_products_not_a_transposed_conv():
+    """A transposed 3-D conv runs off oneDNN on CPU (a ResNet-18 training step took 12x the
+    dense one; the speed is measured by benchmarks/structured_speed.py --train-step, not here):
+    the graph composes W = A alpha with one small matrix product per axis (float64: exact to
+    rounding)."""
+    gm = legofx.structure(nn.Sequential(nn.Conv2d(6, 4, 3)).double(), c=2, n=2)
+    targets = {str(node.target) for node in gm.graph.nodes}
+    assert not any("conv_transpose" in target for target in targets)
+    assert any("tensordot" in target for target in targets)
+    layer = gm.get_submodule("0")
+    expected = (structure_matrix(6, 3, 3, 2, 2, 2) @ layer.alpha.flatten(1).T).T.reshape(4, 6, 3, 3)
+    assert relative_error(layer.weight, expected) <= tolerance(torch.float64)

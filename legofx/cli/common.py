@@ -1,17 +1,36 @@
-"""Arguments every ``legofx`` command that rewrites a model shares: ``--method`` and its settings."""
+"""Arguments every ``legofx`` command that rewrites a model shares: ``--method`` and its settings,
+checked before any slow work."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import Counter
 
 import torch
+from torch import nn
 
+from legofx.core.arguments import check_positive_int, check_size_spec
+from legofx.core.records import summary
 from legofx.methods.lego.api import transform
 from legofx.methods.structured.api import structure
+
+MODEL_HELP = ("torchvision:NAME, timm:NAME or path/to/file.py:factory (this imports and runs "
+              "the file's code, as python would: use only files you trust)")
 
 
 def _size_arg(text: str) -> int | float:
     return float(text) if any(ch in text for ch in ".eE") else int(text)
+
+
+def _patterns(text: str) -> list[str]:
+    """One ``--include`` / ``--exclude`` value: names or patterns, comma-separated."""
+    names = [name for name in text.split(",") if name]
+    spec = next((name for name in names if ":" in name), None)
+    if spec is not None:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} looks like a MODEL, not a conv name: give MODEL before the options")
+    return names
 
 
 def add_method_arguments(sub: argparse.ArgumentParser) -> None:
@@ -24,15 +43,60 @@ def add_method_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--c", type=_size_arg, default=0.5,
                      help="structured: underlying channels, a fraction of in_channels or a count")
     sub.add_argument("--n", type=int, default=2, help="structured: underlying kernel size (default 2)")
-    sub.add_argument("--include", nargs="*", default=None, help="conv names or glob patterns")
-    sub.add_argument("--exclude", nargs="*", default=None, help="conv names or glob patterns")
+    for name in ("include", "exclude"):
+        sub.add_argument(f"--{name}", type=_patterns, action="extend", default=None,
+                         help="conv names or glob patterns, comma-separated; repeat the option "
+                              "for more (it takes one value, so MODEL may follow it)")
+
+
+def check_method_arguments(args: argparse.Namespace) -> None:
+    """The method's settings, before the model is built (errors name the option)."""
+    if args.method == "structured":
+        check_size_spec("c", args.c, of="each layer's in_channels")
+        check_positive_int("n", args.n)
+    else:
+        check_positive_int("o", args.o)
+        check_size_spec("m", args.m, of="each layer's out_channels")
+    for name in ("input_size", "batch"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value}")
+
+
+def check_model_fits(model: nn.Module, args: argparse.Namespace) -> None:
+    """Refuse settings no conv of ``model`` can take, before the slow rewrite."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{args.model} has no nn.Conv2d: there is nothing to rewrite")
+    if args.method == "structured":
+        largest = max(min(conv.kernel_size) for conv in convs)
+        if args.n > largest:
+            raise ValueError(f"--n {args.n} exceeds every conv's kernel size (largest {largest})")
+        if isinstance(args.c, int) and args.c > max(conv.in_channels for conv in convs):
+            raise ValueError(f"--c {args.c} exceeds every conv's in_channels "
+                             f"(largest {max(conv.in_channels for conv in convs)})")
+        return
+    if not any(conv.in_channels % args.o == 0 for conv in convs):
+        raise ValueError(f"--o {args.o} divides no conv's in_channels "
+                         f"({', '.join(map(str, sorted({c.in_channels for c in convs})[:8]))}...)")
+    if isinstance(args.m, int) and args.m > max(conv.out_channels for conv in convs):
+        raise ValueError(f"--m {args.m} exceeds every conv's out_channels "
+                         f"(largest {max(conv.out_channels for conv in convs)})")
 
 
 def apply_method(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """The training form of ``model`` under the method and settings of ``args``."""
+    """The training form of ``model`` under the method and settings of ``args``; warns on
+    stderr when no conv could be rewritten."""
     if args.method == "structured":
-        return structure(model, c=args.c, n=args.n, include=args.include, exclude=args.exclude)
-    return transform(model, o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+        gm = structure(model, c=args.c, n=args.n, include=args.include, exclude=args.exclude)
+    else:
+        gm = transform(model, o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+    records = summary(gm)
+    if not any(record.rewritten for record in records):
+        reason, count = Counter(record.reason for record in records).most_common(1)[0]
+        print(f"legofx: warning: no conv was rewritten with {method_settings(args)} "
+              f"({count} of {len(records)}: {reason})", file=sys.stderr)
+    return gm
 
 
 def method_settings(args: argparse.Namespace) -> str:

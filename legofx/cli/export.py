@@ -3,35 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
-from legofx.cli.common import add_method_arguments, apply_method, method_settings
+from legofx.cli.common import (MODEL_HELP, add_method_arguments, apply_method,
+                               check_method_arguments, check_model_fits, method_settings)
 from legofx.deploy.exporter import MismatchError, export
 from legofx.lowering.registry import BACKENDS, by_name_only
 from legofx.cli.model_spec import build_model, example_input
 from legofx.core.records import summary
+from legofx.lowering.auto import check_backend, check_strategy
 from legofx.lowering.fold import fold
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    model, shape = build_model(args.model)
-    size = (args.input_size,) * 2 if args.input_size else shape[-2:]
-    shape = (args.batch, *shape[1:-2], *size)
-    gm = apply_method(model.eval(), args)
-    if args.weights:
-        gm.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    x = example_input(shape, args.seed)
+def _check_arguments(args: argparse.Namespace) -> dict | None:
+    """Everything that can be checked before the slow work; returns the ``--weights``."""
+    check_method_arguments(args)
+    if Path(args.out).suffix.lower() not in (".onnx", ".pt2"):
+        raise ValueError(f"--out must end in .pt2 (torch.export) or .onnx (ONNX), got {args.out!r}")
+    check_strategy(args.strategy, {})
+    check_backend(args.auto_backend, args.strategy)
     if args.strategy in by_name_only():
         raise ValueError(f"--strategy {args.strategy}: its merge is a legofx custom op, which ONNX "
                          f"and TensorRT do not take; export with gather, accumulate, merge-conv, "
                          f"dense or auto, and run {args.strategy!r} in PyTorch "
                          f"(legofx.fold(gm, {args.strategy!r}), eager or torch.compile)")
+    if not args.weights:
+        return None
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
+    try:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"--weights {args.weights!r} is not a state_dict torch.load can read: "
+                         f"{str(err).strip().splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--weights {args.weights!r} holds a {type(state).__name__}, not a "
+                         f"state_dict (a dict of tensors, as gm.state_dict() gives)")
+    return state
+
+
+def _load_weights(gm: torch.nn.Module, state: dict, args: argparse.Namespace) -> None:
+    try:
+        gm.load_state_dict(state)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"--weights {args.weights!r} does not fit the model transformed with "
+                         f"--method {args.method} {method_settings(args)}: "
+                         f"{(problems or [str(err)])[0][:300]}{more}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    state = _check_arguments(args)
+    torch.manual_seed(args.seed)
+    model, shape = build_model(args.model)
+    check_model_fits(model, args)
+    size = (args.input_size,) * 2 if args.input_size else shape[-2:]
+    shape = (args.batch, *shape[1:-2], *size)
+    gm = apply_method(model.eval(), args)
+    if state is not None:
+        _load_weights(gm, state, args)
+    x = example_input(shape, args.seed)
     folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
                   backend=args.auto_backend)
     folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])
@@ -59,7 +98,7 @@ def add_parser(commands) -> None:
     """Add the ``export`` subcommand to the ``legofx`` parser's subparsers."""
     sub = commands.add_parser(
         "export", help="transform and fold a model, export it to .onnx or .pt2 and verify the file")
-    sub.add_argument("model", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
+    sub.add_argument("model", help=MODEL_HELP)
     sub.add_argument("--out", required=True, help="output file: model.onnx or model.pt2")
     add_method_arguments(sub)
     sub.add_argument("--weights", default=None,

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from legofx.cli.common import add_method_arguments, apply_method
+from legofx.cli.common import (MODEL_HELP, add_method_arguments, apply_method,
+                               check_method_arguments, check_model_fits)
 from legofx.cli.model_spec import build_model, example_input
 from legofx.core.numerics import relative_error
 from legofx.lowering.fold import fold
@@ -16,8 +17,10 @@ from legofx.report import report
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    check_method_arguments(args)
     torch.manual_seed(args.seed)
     model, shape = build_model(args.model)
+    check_model_fits(model, args)
     if args.input_size:
         shape = (*shape[:-2], args.input_size, args.input_size)
     model.eval()
@@ -25,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     gm = apply_method(model, args)
     transformed = time.perf_counter()
-    folded = fold(gm)
+    folded = fold(gm.eval())
     done = time.perf_counter()
     print(report(folded, x))
     with torch.no_grad():
@@ -45,8 +48,7 @@ def add_parser(commands) -> None:
     run = commands.add_parser(
         "run", help="transform a model, fold it, verify the fold and print the report (default)")
     run.add_argument("model", nargs="?", default="torchvision:resnet18",
-                     help="torchvision:NAME, timm:NAME or path/to/file.py:factory "
-                          "(default: torchvision:resnet18, random weights)")
+                     help=MODEL_HELP + " (default: torchvision:resnet18, random weights)")
     add_method_arguments(run)
     run.add_argument("--input-size", type=int, default=None, help="spatial size of the example input")
     run.add_argument("--seed", type=int, default=0)

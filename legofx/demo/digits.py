@@ -152,7 +152,7 @@ def run(budget: Budget | None = None, seed: int = 0, quiet: bool = False, export
     tuned = train(started, data, tuned_budget, "Lego (from dense weights)", quiet, seed)
     results = {"budget": budget, "tuned_budget": tuned_budget, "start_accuracy": start_accuracy,
                "recalibrated_accuracy": recalibrated_accuracy}
-    folded = {"scratch": fold(scratch), "tuned": fold(tuned)}
+    folded = {"scratch": fold(scratch.eval()), "tuned": fold(tuned.eval())}
     sample = x_test[:1]
     for name, model in {"dense": dense, "scratch": scratch, "tuned": tuned}.items():
         inference = folded.get(name, model)

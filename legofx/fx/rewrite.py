@@ -123,13 +123,14 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
     sites = _sites(root, kinds, originals)
     names = list(originals) + [name for name in sites if name not in originals]
     patterns.check_used(names, "/".join(kind.__name__ for kind in kinds))
+    tied = _tied_weights(originals)
     records: dict[str, LayerRecord] = {}
     swaps: dict[int, tuple[Scope, dict[str, RewrittenLayer]]] = {}
     for name in names:
         site = sites.get(name)
         module = originals[name] if site is None else (
             site.use.module if site.use else site.scope.module.get_submodule(site.name))
-        reason = patterns.reason_to_skip(name) or (
+        reason = patterns.reason_to_skip(name) or tied.get(name) or (
             "never called by the traced forward (not in the graph)" if site is None
             else generic_reason_to_skip(module, site.use) or method.reason_to_skip(module))
         calls = len(site.use.calls) if site and site.use else 0
@@ -151,6 +152,19 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
     if example is not None:
         compare_calls(model, root.module, *example)
     return root.module
+
+
+def _tied_weights(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """The reason to keep each module whose weight ``Parameter`` another one shares (tied
+    weights): rewriting them apart would untie them."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    return {name: "weight shared with " + ", ".join(other for other in names if other != name)
+            + " (tied weights): rewriting them apart would untie them"
+            for names in owners.values() if len(names) > 1 for name in names}
 
 
 def _record(record: LayerRecord, layer: RewrittenLayer, where: str) -> LayerRecord:

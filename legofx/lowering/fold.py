@@ -4,10 +4,14 @@ Every training-form layer is replaced by the inference form ``strategy`` names (
 :mod:`legofx.lowering.auto` and the registry), in the graphs and at module level alike; then
 the registered absorbers fold what follows a layer into it (BatchNorm with
 ``fuse_batchnorm=True``; a ReLU into a fused Lego layer), and the new layers are expanded into
-graph nodes. Folding a folded model re-lowers nothing and returns an equal copy.
+graph nodes. Folding a folded model with ``strategy=None`` re-lowers nothing and returns an
+equal copy; with a named strategy it is refused (the folded layers no longer hold what the
+other lowerings are built from: fold the training-form model instead).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx as fx
@@ -61,6 +65,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
                          "example_inputs (a tensor or a tuple of tensors the model takes)")
     if index_dtype != "smallest":
         check_index_dtype(index_dtype, 0)
+    check_strategy(strategy, {})  # a registered name, whatever the model holds
+    _check_foldable(gm, strategy)
     original, gm = gm, copy_model(gm, shared=_training_tensors(gm))
     for graph_module in graph_modules(gm):
         passes.collapse_regions(graph_module, _is_training_form)
@@ -84,6 +90,28 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
     unshare(gm, original)
     return gm
+
+
+def _check_foldable(gm: nn.Module, strategy) -> None:
+    """Refuse what ``fold`` cannot do well, before copying: re-lowering an already folded model,
+    tensors without values (meta device); warn about a model in training mode."""
+    layers = {name: m for name, m in gm.named_modules() if isinstance(m, RewrittenLayer)}
+    training = {name: m for name, m in layers.items() if m.form == "training"}
+    if strategy is not None and layers and not training:
+        kinds = sorted({m.lowering.split(" [")[0] for m in layers.values()})
+        raise ValueError(f"strategy={strategy!r}: this model is already folded ({'; '.join(kinds)}), "
+                         f"so there is nothing to lower: fold the training-form model (transform's "
+                         f"result) with strategy={strategy!r}, or pass strategy=None for a copy")
+    meta = [f"{name}.{key}" for name, layer in training.items()
+            for key, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"fold reads each layer's learned selection, but the model's tensors are on "
+                         f"the meta device (no values: {', '.join(meta[:3])}...): load real weights "
+                         f"first (model.to_empty(device='cpu'), then load_state_dict)")
+    if training and gm.training:
+        warnings.warn("fold: the model is in training mode, and so is the folded model (BatchNorm "
+                      "uses batch statistics, Dropout drops): call fold(gm.eval()) for the "
+                      "inference form", UserWarning, stacklevel=3)
 
 
 def _absorb_followers(model: nn.Module, absorb) -> None:

@@ -33,8 +33,9 @@ from legofx.lowering.registry import register_lowering
 
 
 def split_fragments(x: Tensor, o: int) -> Tensor:
-    """``(N, c, H, W) -> (N*o, c/o, H, W)``: the ``o`` contiguous channel fragments as batch."""
-    return x.unflatten(1, (o, -1)).flatten(0, 1)
+    """``(N, c, H, W) -> (N*o, c/o, H, W)``: the ``o`` contiguous channel fragments as batch
+    (an unbatched ``(c, H, W)`` gives ``(o, c/o, H, W)``)."""
+    return x.unflatten(-3, (o, -1)).flatten(0, -4)
 
 
 def convolve_batch(frags: Tensor, lego: Tensor, conv: dict) -> Tensor:
@@ -43,9 +44,11 @@ def convolve_batch(frags: Tensor, lego: Tensor, conv: dict) -> Tensor:
     return F.conv2d(frags, lego, None, conv["stride"], padding, conv["dilation"])
 
 
-def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict) -> Tensor:
-    """Every fragment convolved with every Lego filter, as ``(N, o*m, H', W')``."""
-    return convolve_batch(frags, lego, conv).unflatten(0, (-1, o)).flatten(1, 2)
+def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict,
+                       batch: tuple = (-1,)) -> Tensor:
+    """Every fragment convolved with every Lego filter, as ``(*batch, o*m, H', W')``;
+    ``batch``: the input's leading dims (``x.shape[:-3]``: ``(N,)``, or ``()`` unbatched)."""
+    return convolve_batch(frags, lego, conv).unflatten(0, batch + (o,)).flatten(-4, -3)
 
 
 def selection_onehot(proxy: Tensor, m: int, frozen: Tensor, frozen_index: Tensor) -> Tensor:
@@ -71,8 +74,8 @@ def merge_selected(maps: Tensor, select: Tensor, coef: Tensor, bias: Tensor | No
 def merge_gathered(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
                    n: int, o: int) -> Tensor:
     """Folded merge: gather the selected maps, scale by the coefficients, sum over fragments."""
-    picked = maps.index_select(1, index).unflatten(1, (n, o))
-    out = (picked * coef.reshape(n, o, 1, 1)).sum(2)
+    picked = maps.index_select(-3, index).unflatten(-3, (n, o))
+    out = (picked * coef.reshape(n, o, 1, 1)).sum(-3)
     return out if bias is None else out + bias.reshape(n, 1, 1)
 
 
@@ -83,9 +86,9 @@ def merge_accumulated(maps: Tensor, index: Tensor, coef: Tensor, bias: Tensor | 
     (``addcmul_``), then the bias in place. Each in-place result is the tensor used next, so
     dead-code elimination keeps them, and autograd's checks keep training through it safe."""
     index = index.view(n, o)
-    out = maps.index_select(1, index[:, 0]).mul_(coef[:, 0].reshape(n, 1, 1))
+    out = maps.index_select(-3, index[:, 0]).mul_(coef[:, 0].reshape(n, 1, 1))
     for i in range(1, o):
-        out = out.addcmul_(maps.index_select(1, index[:, i]), coef[:, i].reshape(n, 1, 1))
+        out = out.addcmul_(maps.index_select(-3, index[:, i]), coef[:, i].reshape(n, 1, 1))
     return out if bias is None else out.add_(bias.reshape(n, 1, 1))
 
 
@@ -118,7 +121,7 @@ class LegoLayer(ConvLayer):
         with stage("split"):
             frags = split_fragments(x, self.o)
         with stage("lego_conv"):
-            return convolve_fragments(frags, attr("lego"), self.o, self.geometry)
+            return convolve_fragments(frags, attr("lego"), self.o, self.geometry, x.shape[:-3])
 
     def reconstruct_weight(self) -> Tensor:
         return reconstruct_weight(self.lego, self.selection(), self.coef)
@@ -131,6 +134,22 @@ class LegoLayer(ConvLayer):
 
     def extra_repr(self) -> str:
         return conv_extra_repr(self, f"o={self.o}, m={self.m}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """A checkpoint made with another ``o`` / ``m`` is refused with both settings named,
+        instead of torch's size mismatches."""
+        lego = state_dict.get(prefix + "lego")
+        if lego is not None and lego.dim() == 4 and tuple(lego.shape) != tuple(self.lego.shape):
+            m, fragment = lego.shape[0], lego.shape[1]
+            o = self.in_channels // fragment if fragment and self.in_channels % fragment == 0 else "?"
+            error_msgs.append(f"{prefix[:-1] or 'layer'}: the checkpoint's Lego layer was made with "
+                              f"o={o}, m={m} (lego {tuple(lego.shape)}), this one has o={self.o}, "
+                              f"m={self.m}: transform with the checkpoint's o and m before "
+                              f"load_state_dict")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class LegoConv2d(LegoLayer):

@@ -45,11 +45,13 @@ def structure_matrix(C: int, kh: int, kw: int, c: int, nh: int, nw: int,
     return torch.kron(torch.kron(band(C, c), band(kh, nh)), band(kw, nw)).to(dtype)
 
 
-def _along_axes(weight: Tensor, matrices: list[Tensor]) -> Tensor:
-    """Apply ``matrices[i]`` (``(new, old)``) along axis ``i + 1`` of ``weight``, the most
-    shrinking first (the same result, fewer multiplications)."""
+def _along_axes(weight: Tensor, matrices: list[Tensor], shapes: list | None = None) -> Tensor:
+    """Apply ``matrices[i]`` (``(new, old)``, or ``shapes[i]`` when given: the matrices may
+    be graph values) along axis ``i + 1`` of ``weight``, the most shrinking first (the same
+    result, fewer multiplications)."""
+    shapes = shapes or [matrix.shape for matrix in matrices]
     order = sorted(enumerate(matrices, start=1),
-                   key=lambda item: item[1].shape[0] / item[1].shape[1])
+                   key=lambda item: shapes[item[0] - 1][0] / shapes[item[0] - 1][1])
     for axis, matrix in order:
         weight = torch.tensordot(matrix.to(weight), weight.movedim(axis, 0), 1).movedim(0, axis)
     return weight
@@ -59,13 +61,31 @@ def pool_window(full: tuple[int, ...], under: tuple[int, ...]) -> tuple[int, ...
     return tuple(size - small + 1 for size, small in zip(full, under))
 
 
-def compose_weight(alpha: Tensor, window: tuple[int, ...]) -> Tensor:
+def sliding_sum(x: Tensor, length: int, window: int, dim: int) -> Tensor:
+    """The sums of ``window`` consecutive entries along ``dim`` (negative; ``length`` entries
+    there, given so that a graph holds constants): ``length - window + 1`` of them, by a running
+    sum (``cumsum``, then the difference of its values ``window`` apart), whatever the window.
+    It rounds like a sum of ``length`` terms (relative ~1e-7 in float32)."""
+    running = F.pad(x.cumsum(dim), (0, 0) * (-dim - 1) + (1, 0))
+    count = length - window + 1
+    return running.narrow(dim, window, count) - running.narrow(dim, 0, count)
+
+
+def compose_weight(alpha: Tensor, window: tuple[int, ...], under: tuple[int, ...]) -> Tensor:
     """``W = A alpha``: ``alpha (out, c, nh, nw)`` -> ``(out, C, kh, kw)`` for the block
-    ``window = (C-c+1, kh-nh+1, kw-nw+1)`` (or ``(out, f) -> (out, F)`` for ``(F-f+1,)``), as a
-    transposed conv of ``alpha`` with an all-ones kernel: exact, differentiable, plain ops."""
-    ones = alpha.new_ones((1, 1, *window))
-    transpose = F.conv_transpose3d if len(window) == 3 else F.conv_transpose1d
-    return transpose(alpha.unsqueeze(1), ones).squeeze(1)
+    ``window = (C-c+1, kh-nh+1, kw-nw+1)`` and ``under = (c, nh, nw)`` (or ``(out, f) ->
+    (out, F)`` for ``(F-f+1,)`` and ``(f,)``).
+
+    ``A`` is a Kronecker product of band matrices (:func:`band`, made here from ``ones`` with
+    ``tril`` / ``triu`` so that a traced graph holds no constant tensor), so ``A alpha`` is one
+    small matrix product per axis: differentiable, plain ops, on the fast matmul path. (A
+    transposed 3-D conv with an all-ones kernel computes the same, but CPU PyTorch runs it off
+    oneDNN: a ResNet-18 training step took 12x the dense one; running sums per axis took about
+    twice the matrix products' time, being many passes over memory;
+    ``benchmarks/structured_speed.py --train-step``.)"""
+    shapes = [(small + size - 1, small) for small, size in zip(under, window)]
+    bands = [alpha.new_ones(shape).tril().triu(shape[1] - shape[0]) for shape in shapes]
+    return _along_axes(alpha, bands, shapes)
 
 
 @torch.no_grad()
@@ -108,9 +128,8 @@ def sum_pool(x: Tensor, channels: int, window: tuple[int, int, int],
     on CPU. The running sum rounds like a sum of ``C`` terms (relative ~1e-7 in float32).
     """
     kc, wh, ww = window
-    if kc > 1:
-        running = F.pad(x.cumsum(1), (0, 0, 0, 0, 1, 0))  # running[:, i] = sum of x[:, :i]
-        x = running[:, kc:] - running[:, :-kc]
+    if kc > 1:  # dim -3: an unbatched (C, H, W) input too
+        x = sliding_sum(x, channels, kc, -3)
     if wh * ww > 1:
         pooled = channels - kc + 1
         x = F.conv2d(x, x.new_ones((pooled, 1, wh, ww)), None, 1, 0, dilation, pooled)
@@ -160,7 +179,7 @@ class _StructuredConv(ConvLayer):
     @property
     def weight(self) -> Tensor:
         """The dense ``(out, C, kh, kw)`` weight ``A alpha``, differentiable."""
-        return compose_weight(self.alpha, self.window)
+        return compose_weight(self.alpha, self.window, self.under)
 
     def extra_repr(self) -> str:
         return conv_extra_repr(self, f"under=({self.c}, {self.nh}, {self.nw})")
@@ -194,7 +213,7 @@ class StructuredConv2d(_StructuredConv):
 
     def compute(self, x, attr, stage):
         with stage("compose"):
-            weight = compose_weight(attr("alpha"), self.window)
+            weight = compose_weight(attr("alpha"), self.window, self.under)
         with stage("conv"):
             x, padding = padded(x, self.geometry)
             return F.conv2d(x, weight, attr("bias"), self.stride, padding, self.dilation)
@@ -256,7 +275,7 @@ class _StructuredLinear(RewrittenLayer):
 
     @property
     def weight(self) -> Tensor:
-        return compose_weight(self.alpha, (self.in_features - self.f + 1,))
+        return compose_weight(self.alpha, (self.in_features - self.f + 1,), (self.f,))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -278,7 +297,7 @@ class StructuredLinear(_StructuredLinear):
 
     def compute(self, x, attr, stage):
         with stage("compose"):
-            weight = compose_weight(attr("alpha"), (self.in_features - self.f + 1,))
+            weight = compose_weight(attr("alpha"), (self.in_features - self.f + 1,), (self.f,))
         with stage("linear"):
             return F.linear(x, weight, attr("bias"))
 
@@ -299,9 +318,7 @@ class FoldedStructuredLinear(_StructuredLinear):
 
     def compute(self, x, attr, stage):
         with stage("sum_pool"):  # running sum over the features, as in sum_pool
-            window = self.in_features - self.f + 1
-            running = F.pad(x.cumsum(-1), (1, 0))
-            pooled = running[..., window:] - running[..., :-window]
+            pooled = sliding_sum(x, self.in_features, self.in_features - self.f + 1, -1)
         with stage("linear"):
             return F.linear(pooled, attr("alpha"), attr("bias"))
 

@@ -46,6 +46,45 @@ def reference_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, b
     return reference_merge(maps, index, coef, bias, relu)
 
 
+def _check_arguments(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
+                     stride, padding, dilation) -> None:
+    """Refuse arguments that disagree (shapes, dtypes, devices, index range) before any of them
+    reaches the C kernel, which would read out of bounds: one error naming the argument."""
+    def refuse(message: str):
+        raise ValueError(f"lego_conv_merge: {message}")
+
+    if x.dim() != 4 or lego.dim() != 4 or coef.dim() != 2:
+        refuse(f"x and lego must be 4-D and coef 2-D (n, o), got x {tuple(x.shape)}, "
+               f"lego {tuple(lego.shape)}, coef {tuple(coef.shape)}")
+    (n, o), m = coef.shape, lego.shape[0]
+    if x.shape[1] != o * lego.shape[1]:
+        refuse(f"x has {x.shape[1]} channels, o * lego.shape[1] = {o} * {lego.shape[1]} expected")
+    if index.dim() != 1 or index.numel() != n * o or index.is_floating_point() or index.is_complex():
+        refuse(f"index must be 1-D integers with n*o = {n * o} entries, got {index.dtype} "
+               f"{tuple(index.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        refuse(f"bias must have shape ({n},) (n = coef.shape[0]), got {tuple(bias.shape)}")
+    floats = {"lego": lego, "coef": coef, **({} if bias is None else {"bias": bias})}
+    for name, tensor in {"x": x, **floats}.items():
+        if tensor.device != x.device:
+            refuse(f"{name} is on {tensor.device}, x on {x.device}")
+        if not tensor.is_floating_point():
+            refuse(f"{name} must be floating point, got {tensor.dtype}")
+    if index.device != x.device:
+        refuse(f"index is on {index.device}, x on {x.device}")
+    if lego.dtype != x.dtype:
+        refuse(f"lego is {lego.dtype}, x is {x.dtype}: they must have one dtype")
+    for name, values, least in (("stride", stride, 1), ("padding", padding, 0),
+                                ("dilation", dilation, 1)):
+        if len(values) != 2 or any(v < least for v in values):
+            refuse(f"{name} must be 2 ints >= {least}, got {name}={list(values)}")
+    low = torch.arange(o, device=index.device).repeat(n) * m
+    if n * o and bool(((index < low) | (index >= low + m)).any()):
+        raise IndexError(f"lego_conv_merge: index[j*o + i] must pick one of fragment i's {m} "
+                         f"maps, i.e. lie in [i*m, (i+1)*m) (m={m}, o={o}), got "
+                         f"{(index.view(n, o) - low.view(n, o)).tolist()} after subtracting i*m")
+
+
 def _out_shape(x: Tensor, lego: Tensor, n: int, stride, padding, dilation) -> list[int]:
     size = [(x.shape[d] + 2 * padding[d - 2] - dilation[d - 2] * (lego.shape[d] - 1) - 1)
             // stride[d - 2] + 1 for d in (2, 3)]
@@ -91,8 +130,9 @@ def _merge_into(out: Tensor, maps: Tensor, index: Tensor, coef: Tensor, bias: Te
 @torch.library.custom_op("legofx::lego_conv_merge", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def lego_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
                     stride: list[int], padding: list[int], dilation: list[int], relu: bool) -> Tensor:
+    _check_arguments(x, lego, index, coef, bias, stride, padding, dilation)
     n, o = coef.shape
-    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or lego.dtype != x.dtype:
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
         out = reference_conv_merge(x, lego, index, coef, bias, stride, padding, dilation, relu)
         return out.contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -46,11 +46,12 @@ class FusedLegoConv2d(FoldedLegoConv2d):
     def compute(self, x, attr, stage):
         with stage("pad"):
             x, padding = padded(x, self.geometry, conv_pads="symmetric")
-        with stage("lego_conv_merge"):
-            x = x.contiguous(memory_format=torch.channels_last)
-            return torch.ops.legofx.lego_conv_merge.default(
-                x, attr("lego"), self._index(attr), attr("coef"), attr("bias"), list(self.stride),
-                padding, list(self.dilation), self.relu)
+        with stage("lego_conv_merge"):  # an unbatched (c, H, W) input runs as a batch of one
+            batched = x.unsqueeze(0).flatten(0, -4).contiguous(memory_format=torch.channels_last)
+            out = torch.ops.legofx.lego_conv_merge.default(
+                batched, attr("lego"), self._index(attr), attr("coef"), attr("bias"),
+                list(self.stride), padding, list(self.dilation), self.relu)
+            return out.reshape(x.shape[:-3] + out.shape[-3:])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}"
