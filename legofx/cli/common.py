@@ -84,13 +84,16 @@ def check_model_fits(model: nn.Module, args: argparse.Namespace) -> None:
                          f"(largest {max(conv.out_channels for conv in convs)})")
 
 
-def apply_method(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """The training form of ``model`` under the method and settings of ``args``; warns on
+def apply_method(model: torch.nn.Module, args: argparse.Namespace,
+                 example: torch.Tensor | None = None) -> torch.nn.Module:
+    """The training form of ``model`` under the method and settings of ``args``, checked on
+    ``example`` against the original (``legofx.InterfaceError`` names a difference); warns on
     stderr when no conv could be rewritten."""
+    shared = {"include": args.include, "exclude": args.exclude, "example_inputs": example}
     if args.method == "structured":
-        gm = structure(model, c=args.c, n=args.n, include=args.include, exclude=args.exclude)
+        gm = structure(model, c=args.c, n=args.n, **shared)
     else:
-        gm = transform(model, o=args.o, m=args.m, include=args.include, exclude=args.exclude)
+        gm = transform(model, o=args.o, m=args.m, **shared)
     records = summary(gm)
     if not any(record.rewritten for record in records):
         reason, count = Counter(record.reason for record in records).most_common(1)[0]

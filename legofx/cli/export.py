@@ -67,10 +67,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_model_fits(model, args)
     size = (args.input_size,) * 2 if args.input_size else shape[-2:]
     shape = (args.batch, *shape[1:-2], *size)
-    gm = apply_method(model.eval(), args)
+    x = example_input(shape, args.seed)
+    gm = apply_method(model.eval(), args, x)
     if state is not None:
         _load_weights(gm, state, args)
-    x = example_input(shape, args.seed)
     folded = fold(gm.eval(), args.strategy, example_inputs=x, fuse_batchnorm=args.fuse_batchnorm,
                   backend=args.auto_backend)
     folded, x = folded.to(DTYPES[args.dtype]), x.to(DTYPES[args.dtype])

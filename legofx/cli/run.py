@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model.eval()
     x = example_input(shape, args.seed)
     start = time.perf_counter()
-    gm = apply_method(model, args)
+    gm = apply_method(model, args, x)
     transformed = time.perf_counter()
     folded = fold(gm.eval())
     done = time.perf_counter()
