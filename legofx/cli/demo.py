@@ -55,21 +55,16 @@ def digits_table(digits: dict) -> str:
 
 
 def size_table(realistic: dict) -> str:
-    """Part 2's sizes: the original, Lego as LegoNet stores it (Lego filters, coefficients,
-    selection; ``gather``), and Lego as folded for ONNX Runtime (``auto`` may take a lowering
-    that stores more, such as ``dense``), with its ONNX file."""
+    """Part 2's sizes: the original and Lego as folded for ONNX Runtime, with their ONNX files."""
     size = realistic["size"]
     original = size["original"]
     int8 = "int8_file_mb" in original
-
-    def mb(row: dict, key: str) -> list[str]:
-        return [f"{row[key]:.1f}", _ratio(original[key], row[key])] if key in row else ["", ""]
-
     rows = [[label, f"{row['params'] / 1e6:.2f}M", _ratio(original["params"], row["params"]),
-             *mb(row, "file_mb"), *(mb(row, "int8_file_mb") if int8 else []),
+             f"{row['file_mb']:.1f}", _ratio(original["file_mb"], row["file_mb"]),
+             *([f"{row['int8_file_mb']:.1f}", _ratio(original["int8_file_mb"], row["int8_file_mb"])]
+               if int8 else []),
              f"{row['macs'] / 1e9:.2f}G", _ratio(original["macs"], row["macs"])]
-            for key, label in (("original", "original"), ("lego", "Lego, as stored (LegoNet's count)"),
-                               ("lego_onnx", "Lego, folded for ONNX Runtime"))
+            for key, label in (("original", "original"), ("lego", "Lego, folded for ONNX Runtime"))
             for row in [size[key]]]
     headers = ["model", "parameters", "fewer", "ONNX MB", "smaller",
                *(["int8 ONNX MB", "smaller"] if int8 else []), "MACs/image", "fewer"]
@@ -109,8 +104,9 @@ def render(results: dict) -> str:
         f"{results['environment']['threads']} threads",
         "", size_table(realistic), "", latency_table(realistic), "",
         f"fold vs training form, every lowering used: max relative error {realistic['fold_error']:.1e}",
-        "MAC theory: the original's MACs over the timed Lego model's; ONNX Runtime folds are timed in "
-        "eager mode (timing them in ONNX Runtime took 71 s, over the demo's budget)",
+        "MAC theory: the original's MACs over the timed Lego model's. For ONNX Runtime the Lego model "
+        "is folded as 'accumulate' (LegoNet's storage); timing each layer's lowerings in ONNX Runtime "
+        "(fold 'auto', backend='onnxruntime') took 71 s, over the demo's budget",
     ]
     if "onnxruntime" in setup["backends"]:
         lines.append(realistic.get("int8") or "int8 row left out: this legofx.export has no quantize= "

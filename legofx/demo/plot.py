@@ -39,7 +39,7 @@ def save_figure(digits: dict, realistic: dict, path: Path | str) -> Path:
         right.annotate(f"{row['speedup']:.2f}x (theory {row['theory']:.2f}x)",
                        (params[1], row["lego_ms"]), textcoords="offset points", xytext=(0, 7),
                        fontsize=8, color=line.get_color())
-    right.set(xlabel="parameters (millions): original (right), Lego as stored (left)",
+    right.set(xlabel="parameters (millions): original (right), Lego (left)",
               ylabel="latency (ms)",
               title=f"{realistic['model']}, batch {batch}, {realistic['setup']['size']}px: latency vs size")
     right.set_xlim(0, params[0] * 1.1)
