@@ -159,14 +159,7 @@ def _run(original: nn.Module, setup: Setup, out_dir: Path, name: str, quiet: boo
         timed("eager", {"original": original, "original, channels-last": ChannelsLast(original),
                         "lego": folded["eager"]})
     if "inductor" in setup.backends:
-        compiled = {}
-        for batch, x in inputs.items():
-            next(steps)  # torch.compile specialises on the shape: one compilation per batch size
-            for key, module in (("original", original), ("lego", folded["inductor"])):
-                if key not in compiled:  # recompiles for each new shape (dynamic=False)
-                    compiled[key] = compile_for(module, x, "inductor", dynamic=False)  # checked
-                with torch.no_grad():
-                    compiled[key](x)
+        compiled = compiled_per_batch({"original": original, "lego": folded["inductor"]}, inputs, steps)
         next(steps)
         timed("inductor", compiled)
 
@@ -189,6 +182,20 @@ def _run(original: nn.Module, setup: Setup, out_dir: Path, name: str, quiet: boo
     for _ in steps:  # closes the progress bar
         pass
     return results
+
+
+def compiled_per_batch(models: dict, inputs: dict, steps) -> dict:
+    """``models`` compiled by inductor for every batch size of ``inputs`` (``dynamic=False``:
+    one specialised compilation per shape, done here, one step each), checked against eager."""
+    compiled = {}
+    for x in inputs.values():
+        next(steps)
+        for key, module in models.items():
+            if key not in compiled:  # the first call compiles and checks the outputs
+                compiled[key] = compile_for(module, x, "inductor", dynamic=False)
+            with torch.no_grad():  # a new shape: compiled again
+                compiled[key](x)
+    return compiled
 
 
 def int8_rows(results: dict, models: dict, inputs: dict, setup: Setup, out_dir: Path, name: str,
