@@ -89,6 +89,15 @@ def test_a_fold_error_above_the_tolerance_fails_the_demo(demo_run):
     assert fold_failures(off, 3e-5) == []
 
 
+def test_the_output_says_when_the_machine_was_busy(demo_run):
+    """Latencies measured while others load the machine are not representative: said so."""
+    _, _, results = demo_run
+    env = copy.deepcopy(results)["environment"]
+    for load, busy in ((0.0, False), (env["cpus"], True)):
+        results_at = {**results, "environment": {**env, "load_start": load, "load_end": env["cpus"]}}
+        assert ("busy: the latencies" in render(results_at)) == busy
+
+
 class QuantizingExport:
     """A stand-in for an ``export`` that takes ``quantize=``: records the call, exports as is."""
 
