@@ -39,6 +39,10 @@ def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x"
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3f}"  # a small model's times stay visible
+
+
 def digits_table(digits: dict) -> str:
     """Part 1 side by side, with ratios against the dense CNN."""
     dense = digits["dense"]
@@ -76,7 +80,7 @@ def size_table(realistic: dict) -> str:
 def latency_table(realistic: dict) -> str:
     lowerings = realistic["lowerings"]
     rows = [[row["backend"], lowerings[row["backend"].split(" ")[0]], row["baseline"], row["batch"],
-             f"{row['original_ms']:.1f}", f"{row['lego_ms']:.1f}", f"{row['speedup']:.2f}x",
+             _ms(row["original_ms"]), _ms(row["lego_ms"]), f"{row['speedup']:.2f}x",
              f"{row['theory']:.2f}x", f"{row['speedup'] / row['theory']:.2f}"]
             for row in realistic["latency"]]
     headers = ["backend", "Lego lowering", "baseline", "batch", "baseline ms", "Lego ms", "speed-up",
