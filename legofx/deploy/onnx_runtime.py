@@ -24,15 +24,20 @@ def names(prefix: str, count: int) -> list[str]:
 
 
 def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
-              opset: int = OPSET) -> None:
+              opset: int = OPSET, kwargs: dict | None = None,
+              output_names: list[str] | None = None) -> None:
     """Write ``program`` as ONNX (its dynamic dimensions stay dynamic); one file unless the
-    weights exceed protobuf's limit."""
+    weights exceed protobuf's limit. Inputs keep torch.export's names (the arguments', with
+    ``_0``... for nested tensors); ``output_names`` (one per output tensor) name the outputs,
+    ``output``, ``output_0``... without."""
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got opset={opset}")
     weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     outputs = len(program.graph_signature.user_outputs)
-    torch.onnx.export(program, inputs, str(path), dynamo=True, opset_version=opset,
-                      input_names=names("input", len(inputs)), output_names=names("output", outputs),
+    if output_names is None or len(output_names) != outputs:
+        output_names = names("output", outputs)
+    torch.onnx.export(program, inputs, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
+                      output_names=output_names,
                       external_data=weights > _SINGLE_FILE_BYTES, verbose=False)
     _restore_output_dtypes(path, [node.meta["val"].dtype for node in program.graph.output_node().args[0]])
 
