@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from torch import nn
 
 from legofx.deploy.onnx_runtime import OPSET, OnnxRuntimeModule, save_onnx
 from legofx.deploy.op_check import OpReport, UnsupportedOpsError, check_program
+from legofx.deploy.quantize import MIN_COSINE, check_quantize_arguments, write_int8
 from legofx.deploy.structure import (as_args, as_kwargs, check_leaves, first_tensor, flat_tensors,
                                      output_names, register_dataclasses)
 from legofx.deploy.verify import (MismatchError, model_dtype, require_inference_form,
@@ -29,7 +31,9 @@ class ExportResult:
     ``max_error`` is max|deployed - eager| / max|eager| (the worst output) over the example
     inputs and, with a dynamic batch, a second batch size (``batches``); ``max_abs_error`` the
     same without the scaling; ``ops`` the Torch-TensorRT op check (``None`` if not asked);
-    ``dynamic``: whether the file's batch is dynamic.
+    ``dynamic``: whether the file's batch is dynamic; ``size_bytes`` the file's size. With
+    ``quantized="int8"`` the errors are the float file's, checked before quantizing; ``cosine``
+    and ``int8_max_error`` compare the int8 file with the float model.
     """
 
     path: Path
@@ -41,12 +45,20 @@ class ExportResult:
     batches: tuple[int, ...]
     ops: OpReport | None = None
     dynamic: bool = True
+    size_bytes: int = 0
+    quantized: str | None = None
+    cosine: float | None = None
+    int8_max_error: float | None = None
 
     def __str__(self) -> str:
         runtime = "ONNX Runtime" if self.format == "onnx" else "reloaded torch.export program"
         lines = [f"{runtime} vs PyTorch ({str(self.dtype).removeprefix('torch.')}, batch "
                  f"{', '.join(map(str, self.batches))}): max error {self.max_error:.2e} of the "
                  f"output scale (abs {self.max_abs_error:.2e}) <= tolerance {self.tolerance:g}"]
+        if self.quantized:
+            lines.append(f"{self.quantized} QDQ file ({self.size_bytes / 1e6:.2f} MB) vs the float "
+                         f"model: cosine similarity {self.cosine:.5f}, max error "
+                         f"{self.int8_max_error:.2e} of the output scale")
         if self.ops is not None:
             lines.append(str(self.ops))
         return "\n".join(lines)
@@ -121,7 +133,8 @@ def check_ops(model: nn.Module, example_inputs, example_kwargs: dict | None = No
 
 def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | None = None,
            check: str | None = "tensorrt", dynamic_batch: bool | None = None,
-           opset: int = OPSET) -> ExportResult:
+           opset: int = OPSET, quantize: str | None = None, calibration=None,
+           min_cosine: float = MIN_COSINE) -> ExportResult:
     """Export a folded (or any plain) model to ``path`` and verify the file against PyTorch.
 
     ``example_inputs``: a tensor or a tuple of the model's positional arguments, and
@@ -140,6 +153,13 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
     Raises :class:`MismatchError` if an output differs beyond :data:`TOLERANCES`. The file is
     written next to ``path`` under a temporary name and renamed only once verified: on any
     failure nothing is left, and a file already at ``path`` is untouched.
+
+    ``quantize="int8"`` (``.onnx`` only): the verified float file is quantized by ONNX Runtime's
+    static quantizer into QDQ form (int8 per-channel weights, uint8 activations; Conv, MatMul
+    and Gemm, see :mod:`legofx.deploy.quantize`), calibrated on ``calibration``, an iterable of
+    batches (each a tensor or a tuple like ``example_inputs``). The int8 file is checked on the
+    example inputs against the float model: :class:`MismatchError` if the cosine similarity of
+    any output falls below ``min_cosine`` (default 0.99).
     """
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
@@ -153,6 +173,7 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
     if kind == "onnx":
         require_standard_ops(model, "ONNX")
     args, kwargs = as_args(example_inputs), as_kwargs(example_kwargs)
+    calibrating = check_quantize_arguments(quantize, calibration, min_cosine, kind, args)
     register_dataclasses((args, kwargs))
     check_leaves(args, "example_inputs", "an input")
     check_leaves(kwargs, "example_kwargs", "an input")
@@ -160,7 +181,9 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
         expected = model(*args, **kwargs)
     register_dataclasses(expected)
     check_leaves(expected, "out", "an output")
-    program, dynamic = _program(model, args, kwargs, dynamic_batch)
+    # torch.export traces a copy: a model that caches tensors in its forward (ultralytics'
+    # anchors) would otherwise keep the trace's fake tensors
+    program, dynamic = _program(copy.deepcopy(model), args, kwargs, dynamic_batch)
     ops = check_program(program, model) if check else None
     if ops is not None and not ops.ok:
         raise UnsupportedOpsError(ops)
@@ -179,8 +202,18 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
             session = OnnxRuntimeModule.from_file(staged, flat[0].device if flat else torch.device("cpu"))
             deployed = lambda *a, **k: session(*flat_tensors(a, k, program))  # noqa: E731
         error, absolute, tolerance = check_outputs(deployed, model, batches, dtype, path.name)
+        cosine = int8_error = None
+        if calibrating is not None:
+            if not dynamic and any(_dynamic_tensors(b, {})[0].shape[0] != _dynamic_tensors(args, {})[0].shape[0]
+                                   for b in calibrating if _dynamic_tensors(b, {})):
+                raise ValueError("the file's batch is fixed (see the warning above): give "
+                                 "calibration batches of the example's batch size")
+            cosine, int8_error = write_int8(staged, model, program, calibrating, kwargs,
+                                            batches[:1], min_cosine)
+        size = staged.stat().st_size
     sizes = tuple(found[0].shape[0] for found in (_dynamic_tensors(*b) for b in batches) if found)
-    return ExportResult(path, kind, dtype, error, absolute, tolerance, sizes, ops, dynamic)
+    return ExportResult(path, kind, dtype, error, absolute, tolerance, sizes, ops, dynamic, size,
+                        quantize, cosine, int8_error)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ def _restore_output_dtypes(path: Path, dtypes: list[torch.dtype]) -> None:
         onnx.save(model, str(path))
 
 
-def _numpy(tensor: torch.Tensor):
+def numpy_input(tensor: torch.Tensor):
     if tensor.dtype == torch.bfloat16:
         raise TypeError("ONNX Runtime's Python API takes numpy arrays and numpy has no bfloat16; "
                         "use float16 or float32 for ONNX")
@@ -113,6 +113,6 @@ class OnnxRuntimeModule(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
-        feeds = {name: _numpy(t) for name, t in zip(self.input_names, inputs)}
+        feeds = {name: numpy_input(t) for name, t in zip(self.input_names, inputs)}
         outputs = [torch.from_numpy(out).to(self.device) for out in self.session.run(None, feeds)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
