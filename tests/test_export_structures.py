@@ -141,3 +141,22 @@ def test_a_failed_export_leaves_nothing_and_keeps_the_old_file(tmp_path, suffix)
         legofx.export(Drifting().eval(), torch.randn(2, 4, 4, 4), path)
     assert path.read_bytes() == b"the previous export"
     assert [f.name for f in tmp_path.iterdir()] == [path.name]  # no temporary left either
+
+
+class Pair:
+    """A pytree node registered without key paths, as diffusers registers ``BaseOutput``."""
+
+    def __init__(self, sample, extra):
+        self.sample, self.extra = sample, extra
+
+
+torch.utils._pytree.register_pytree_node(
+    Pair, lambda p: ([p.sample, p.extra], ["sample", "extra"]), lambda c, _: Pair(*c))
+
+
+def test_nodes_registered_without_key_paths_are_named_from_their_context():
+    from legofx.deploy.structure import output_names, tensor_leaves
+
+    value = [Pair(torch.ones(1), (torch.zeros(2),))]
+    assert [name for name, _ in tensor_leaves(value)] == ["out[0].sample", "out[0].extra[0]"]
+    assert output_names(value) == ["output_0.sample", "output_0.extra.0"]

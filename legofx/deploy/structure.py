@@ -43,6 +43,25 @@ def onnx_name(path, prefix: str) -> str:
     return prefix if not name else f"{prefix}_{name}" if name[0].isdigit() else name
 
 
+def leaves_with_paths(value, path: tuple = ()) -> list[tuple[tuple, object]]:
+    """``pytree.tree_flatten_with_path(value)[0]``, also for nodes registered without key
+    paths (diffusers' ``BaseOutput``): their children are keyed by the context's names when it
+    lists one per child, else by position."""
+    node_type = pytree._get_node_type(value)
+    handler = pytree.SUPPORTED_NODES.get(node_type)
+    if handler is None:
+        return [(path, value)]
+    if handler.flatten_with_keys_fn is not None:
+        keyed = handler.flatten_with_keys_fn(value)[0]
+    else:
+        children, context = handler.flatten_fn(value)
+        named = isinstance(context, (list, tuple)) and len(context) == len(children) and all(
+            isinstance(key, str) for key in context)
+        keyed = [(pytree.MappingKey(context[i]) if named else pytree.SequenceKey(i), child)
+                 for i, child in enumerate(children)]
+    return [found for key, child in keyed for found in leaves_with_paths(child, (*path, key))]
+
+
 def register_dataclasses(value) -> None:
     """Register the dataclasses found in ``value`` as pytree nodes (what ``torch.export``
     needs to take or return them); registered ones are left as they are."""
@@ -58,7 +77,7 @@ def register_dataclasses(value) -> None:
 
 def check_leaves(value, root: str, what: str) -> None:
     """Refuse a leaf ``torch.export`` cannot take or return, naming it by its path."""
-    for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+    for path, leaf in leaves_with_paths(value):
         if not isinstance(leaf, (torch.Tensor, *_CONSTANTS)):
             raise TypeError(
                 f"{display(root, path)} is a {type(leaf).__name__}, which torch.export cannot "
@@ -68,13 +87,13 @@ def check_leaves(value, root: str, what: str) -> None:
 
 def tensor_leaves(value, root: str = "out") -> list[tuple[str, torch.Tensor]]:
     """Every tensor of ``value`` with its path, in pytree (= ONNX) order."""
-    return [(display(root, path), leaf) for path, leaf in pytree.tree_flatten_with_path(value)[0]
+    return [(display(root, path), leaf) for path, leaf in leaves_with_paths(value)
             if isinstance(leaf, torch.Tensor)]
 
 
 def output_names(value, prefix: str = "output") -> list[str]:
     """ONNX names of the tensor leaves of an output ``value``."""
-    return [onnx_name(path, prefix) for path, leaf in pytree.tree_flatten_with_path(value)[0]
+    return [onnx_name(path, prefix) for path, leaf in leaves_with_paths(value)
             if isinstance(leaf, torch.Tensor)]
 
 
