@@ -10,7 +10,8 @@ inputs; ``legofx.transform(o=2, m=0.5)`` -> ``fold(strategy="auto", backend="onn
 the Torch-TensorRT op check); latency of the original and the folded ONNX files (each exported
 at batch 1 and 8 with a fixed batch), ONNX Runtime CPU sessions taking turns
 (``TAKING_TURNS``), ``interleaved_times``, medians. Writes benchmarks/results/export_real.json
-and prints the table (docs/export_real.md has the last one).
+and prints the table (docs/export_real.md has the last one); a run of some --models
+replaces their rows in the file and keeps the others.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _hf(name, size=224, **config):
 def _smp(arch):
     def build():
         import segmentation_models_pytorch as smp
-        return getattr(smp, arch)("resnet18", encoder_weights=None).eval(), (torch.randn(1, 3, 128, 128),)
+        return getattr(smp, arch)("resnet18", encoder_weights=None).eval(), (torch.randn(1, 3, 64, 64),)
     return build
 
 
@@ -205,6 +206,10 @@ def main() -> None:
             row = run(name, MODELS[name], Path(folder), args.rounds)
             print(json.dumps(row), flush=True)
             rows.append(row)
+    if RESULTS.exists() and args.models != ",".join(MODELS):  # a partial run updates its rows
+        ran = {row["model"]: row for row in rows}
+        kept = json.loads(RESULTS.read_text())["rows"]
+        rows = [ran.pop(row["model"], row) for row in kept] + list(ran.values())
     RESULTS.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "rows": rows}, indent=1) + "\n")
     print(table(rows))

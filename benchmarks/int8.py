@@ -11,7 +11,8 @@ random batches of 8. Latency: the four ONNX Runtime CPU sessions taking turns (`
 Accuracy: the demo's digits task (legofx.demo.digits: ``cnn()`` trained dense, and as Lego
 from scratch, with the demo's budget), test accuracy of the PyTorch fp32 model and of the int8
 file in ONNX Runtime, calibrated on 8 training batches of 64.
-Writes benchmarks/results/int8.json and prints the tables (docs/int8.md has the last ones).
+Writes benchmarks/results/int8.json (int8_STRATEGY.json for another --strategy) and prints the
+tables (docs/int8.md has the last ones).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def main() -> None:
         rows = [size_and_latency(name, args.size, args.rounds, Path(folder))
                 for name in args.models.split(",")]
         accuracies = digits_accuracy(Path(folder), Budget(epochs=args.epochs))
-    RESULTS.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+    results = RESULTS if args.strategy == "merge-conv" else RESULTS.with_name(f"int8_{args.strategy}.json")
+    results.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "strategy": args.strategy,
                                    "rows": rows, "digits": accuracies}, indent=1) + "\n")
     kinds = ["original fp32", "original int8", "Lego fp32", "Lego int8"]

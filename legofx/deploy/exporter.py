@@ -18,8 +18,8 @@ from torch import nn
 from legofx.deploy.onnx_runtime import OPSET, OnnxRuntimeModule, save_onnx
 from legofx.deploy.op_check import OpReport, UnsupportedOpsError, check_program
 from legofx.deploy.quantize import MIN_COSINE, check_quantize_arguments, write_int8
-from legofx.deploy.structure import (as_args, as_kwargs, check_leaves, first_tensor, flat_tensors,
-                                     output_names, register_dataclasses)
+from legofx.deploy.structure import (as_args, as_kwargs, check_leaves, flat_tensors, output_names,
+                                     register_dataclasses)
 from legofx.deploy.verify import (MismatchError, model_dtype, require_inference_form,
                                   require_standard_ops, check_outputs)
 
@@ -107,16 +107,12 @@ def _program(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool | 
     try:
         return export_program(model, args, True, kwargs), True
     except Exception as err:  # noqa: BLE001 - any failure of the dynamic export is retried fixed
-        batch = first_tensor(_dynamic_tensors(args, kwargs))
-        remedy = (f"export with a fixed batch (dynamic_batch=False: the example batch "
-                  f"{batch.shape[0] if batch is not None else '?'} only)")
         if dynamic_batch:
-            raise ValueError(f"torch.export could not make the batch dynamic "
-                             f"({type(err).__name__}: {err});\n{remedy}") from err
-        try:
-            program = export_program(model, args, False, kwargs)
-        except Exception:  # noqa: BLE001 - the fixed export's own error is the one to show
-            raise err from None
+            raise ValueError(f"torch.export could not make the batch dynamic ({type(err).__name__}: "
+                             f"{err});\nexport with a fixed batch (dynamic_batch=False: the "
+                             f"example batch {_dynamic_tensors(args, kwargs)[0].shape[0]} only)"
+                             ) from err
+        program = export_program(model, args, False, kwargs)  # its own error if it fails too
         warnings.warn(f"torch.export could not make the batch dynamic ({str(err).splitlines()[0]}"
                       f"); exported with the example batch fixed. Pass dynamic_batch=False to "
                       f"ask for that and silence this warning", stacklevel=3)

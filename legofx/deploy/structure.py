@@ -4,8 +4,6 @@ transformers ``ModelOutput``): their leaves, named by path, as ONNX flattens the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-
 import torch
 import torch.utils._pytree as pytree
 
@@ -112,11 +110,6 @@ def flat_tensors(args: tuple, kwargs: dict, program: torch.export.ExportedProgra
             if isinstance(leaf, torch.Tensor)]
 
 
-def map_tensors(value, function):
-    """``value`` with ``function`` applied to each of its tensors."""
-    return pytree.tree_map_only(torch.Tensor, function, value)
-
-
 def as_args(example_inputs) -> tuple:
     """``example_inputs`` as the positional arguments: a tensor, or a tuple / list of them
     (any structure inside)."""
@@ -136,7 +129,3 @@ def as_kwargs(example_kwargs) -> dict:
         raise TypeError("example_kwargs must be a dict of the model's keyword arguments, got "
                         f"example_kwargs={example_kwargs!r:.80} ({type(example_kwargs).__name__})")
     return dict(example_kwargs)
-
-
-def first_tensor(values: Iterable) -> torch.Tensor | None:
-    return next((leaf for leaf in pytree.tree_leaves(values) if isinstance(leaf, torch.Tensor)), None)
