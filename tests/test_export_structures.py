@@ -160,3 +160,20 @@ def test_nodes_registered_without_key_paths_are_named_from_their_context():
     value = [Pair(torch.ones(1), (torch.zeros(2),))]
     assert [name for name, _ in tensor_leaves(value)] == ["out[0].sample", "out[0].extra[0]"]
     assert output_names(value) == ["output_0.sample", "output_0.extra.0"]
+
+
+def test_an_output_named_like_an_input_is_renamed(tmp_path):
+    """diffusers' UNet takes ``sample`` and returns ``.sample``: ONNX names must be unique."""
+
+    class Denoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, sample):
+            return {"sample": self.conv(sample)}
+
+    result = legofx.export(folded_net(Denoiser().eval()), torch.randn(2, 4, 6, 6), tmp_path / "m.onnx")
+    graph = onnx.load(str(result.path)).graph
+    assert [i.name for i in graph.input] == ["sample"]
+    assert [o.name for o in graph.output] == ["output.sample"]

@@ -29,13 +29,16 @@ def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
     """Write ``program`` as ONNX (its dynamic dimensions stay dynamic); one file unless the
     weights exceed protobuf's limit. Inputs keep torch.export's names (the arguments', with
     ``_0``... for nested tensors); ``output_names`` (one per output tensor) name the outputs,
-    ``output``, ``output_0``... without."""
+    ``output``, ``output_0``... without; one that an input has already (diffusers' ``sample``
+    in and out) becomes ``output.sample``."""
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got opset={opset}")
     weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     outputs = len(program.graph_signature.user_outputs)
     if output_names is None or len(output_names) != outputs:
         output_names = names("output", outputs)
+    inputs_named = {str(name) for name in program.graph_signature.user_inputs}
+    output_names = [f"output.{name}" if name in inputs_named else name for name in output_names]
     torch.onnx.export(program, inputs, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
                       output_names=output_names,
                       external_data=weights > _SINGLE_FILE_BYTES, verbose=False)
