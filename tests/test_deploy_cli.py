@@ -38,6 +38,17 @@ def test_export_onnx_prints_what_was_verified(net_file, tmp_path, capsys):
     assert "export verified" in printed
 
 
+def test_export_int8_calibrates_on_random_batches(net_file, tmp_path, capsys):
+    out = tmp_path / "net.onnx"
+    assert main(["export", net_file, "--o", "2", "--m", "0.5", "--out", str(out),
+                 "--quantize", "int8", "--calibration", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 QDQ, dynamic batch" in printed and "int8 QDQ file" in printed
+    assert "cosine similarity" in printed and "export verified" in printed
+    import onnx
+    assert any(node.op_type == "DequantizeLinear" for node in onnx.load(str(out)).graph.node)
+
+
 def test_export_can_fuse_batchnorms(net_file, tmp_path, capsys):
     import onnx
 
@@ -86,6 +97,7 @@ def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     (["--out", "net.onnx", "--strategy", "gather", "--auto-backend", "onnxruntime"],
      "backend='onnxruntime'"),
     (["--out", "net.pt2", "--strategy", "fused"], "--strategy fused: its merge is a legofx custom op"),
+    (["--out", "net.pt2", "--quantize", "int8"], "--out must end in .onnx"),
 ])
 def test_errors_are_reported_not_raised(net_file, args, message, capsys):
     assert main(["export", net_file, *args]) == 2

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import legofx
-from legofx.deploy.op_check import TENSORRT_OPS, UnsupportedOpsError
+from legofx.deploy.op_check import TENSORRT_OP_SOURCES, TENSORRT_OPS, UnsupportedOpsError
 from deploy_helpers import folded_net, small_net
 
 
@@ -50,31 +50,90 @@ def test_folded_graph_is_convertible():
     assert "all convertible" in str(report)
 
 
-def test_an_unsupported_op_is_caught_and_named(tmp_path):
+def test_an_op_of_the_users_model_is_a_warning_not_a_refusal(tmp_path):
     net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), Erfinv(), nn.Conv2d(8, 8, 1)).eval()
     folded = legofx.fold(legofx.transform(net).eval())
     x = torch.randn(2, 4, 8, 8)
     report = legofx.check_ops(folded, x)
-    assert not report.ok
-    [issue] = report.unsupported
+    assert report.ok and not report.unsupported
+    [issue] = report.outside
     assert issue.node == "erfinv" and issue.op == "aten.erfinv.default"
     assert "module '1' (Erfinv)" in issue.where
     assert "erfinv (aten.erfinv.default): module '1' (Erfinv)" in str(report)
-    with pytest.raises(UnsupportedOpsError, match="erfinv"):
+    with pytest.warns(UserWarning, match="(?s)will run them in PyTorch.*erfinv"):
+        result = legofx.export(folded, x, tmp_path / "m.pt2")  # ONNX has no erfinv either
+    assert result.path.exists() and result.ops.outside
+
+
+def test_an_unconvertible_op_of_a_lego_layer_is_refused_and_nothing_written(tmp_path):
+    """Circular padding inside a Lego layer becomes ``slice_scatter`` (not in the list)."""
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular")).eval()
+    folded = legofx.fold(legofx.transform(net, o=2, m=0.5).eval())
+    x = torch.randn(2, 4, 8, 8)
+    report = legofx.check_ops(folded, x)
+    assert not report.ok and not report.outside
+    assert {issue.op for issue in report.unsupported} >= {"aten.slice_scatter.default"}
+    assert all("legofx layer '0'" in issue.where for issue in report.unsupported)
+    (tmp_path / "m.onnx").write_bytes(b"an older file")
+    with pytest.raises(UnsupportedOpsError, match="check=None"):
         legofx.export(folded, x, tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+    assert (tmp_path / "m.onnx").read_bytes() == b"an older file"
+    assert [f.name for f in tmp_path.iterdir()] == ["m.onnx"]
     legofx.export(folded, x, tmp_path / "m.pt2", check=None)  # the check can be skipped
+
+
+def test_non_contiguous_input_and_absorbed_batchnorm_pass():
+    """A conv on a permuted input (ConvNext, Segformer): the split copies explicitly (clone +
+    view), not through reshape's ``_unsafe_view``; BatchNorm and ReLU absorbed pass too."""
+
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x.permute(0, 3, 1, 2))))
+
+    folded = legofx.fold(legofx.transform(Permuted().eval(), o=2, m=0.5).eval(),
+                         fuse_batchnorm=True)
+    report = legofx.check_ops(folded, torch.randn(2, 8, 8, 8))
+    assert report.ok and not report.outside, report
+    assert "aten._unsafe_view.default" not in report.ops
+
+
+def test_interpolate_between_lego_layers_is_not_refused():
+    """``F.interpolate`` exports ``arange.default``, which Torch-TensorRT's decompositions
+    take (lowering/_decomposition_groups.py)."""
+
+    class Upsampled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(F.interpolate(self.a(x), scale_factor=2.0, mode="bilinear"))
+
+    folded = legofx.fold(legofx.transform(Upsampled().eval(), o=2, m=0.5).eval())
+    report = legofx.check_ops(folded, torch.randn(2, 4, 8, 8))
+    assert report.ok and not report.outside, report
+    assert "aten.arange.default" in report.ops
+
+
+def test_every_listed_op_names_its_source_file():
+    assert set(TENSORRT_OP_SOURCES) == TENSORRT_OPS
+    assert all(source.startswith("py/torch_tensorrt/dynamo/") and source.endswith(".py")
+               for source in TENSORRT_OP_SOURCES.values())
 
 
 def test_plain_model_issue_points_at_the_source_line():
     [issue] = legofx.check_ops(nn.Sequential(nn.Conv2d(4, 4, 1), Erfinv()).eval(),
-                               torch.randn(1, 4, 8, 8)).unsupported
+                               torch.randn(1, 4, 8, 8)).outside
     assert "torch.erfinv(torch.tanh(x) * 0.5)" in issue.where
 
 
 def test_max_pool_indices_in_use_are_not_convertible():
     [issue] = legofx.check_ops(nn.Sequential(nn.Conv2d(4, 4, 1), PoolWithIndices()).eval(),
-                               torch.randn(1, 4, 8, 8)).unsupported
+                               torch.randn(1, 4, 8, 8)).outside
     assert issue.op == "aten.max_pool2d_with_indices.default"
 
 
@@ -97,5 +156,5 @@ def test_the_registry_answers_where_torch_tensorrt_imports(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     report = legofx.check_ops(small_net(), torch.randn(1, 4, 8, 8))
     assert report.source == "torch_tensorrt 9.9 converter registry"
-    assert [issue.op for issue in report.unsupported] == ["aten.convolution.default"] * 2
-    assert "module '0' (Conv2d)" in report.unsupported[0].where
+    assert [issue.op for issue in report.outside] == ["aten.convolution.default"] * 2
+    assert "module '0' (Conv2d)" in report.outside[0].where

@@ -82,16 +82,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         kinds = Counter(record.lowering.split(" ")[0] for record in rewritten)
         print(f"lowerings (auto, timed on {args.auto_backend}): "
               + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())))
+    calibration = None
+    if args.quantize:
+        if not args.out.endswith(".onnx"):
+            raise ValueError(f"--quantize {args.quantize} writes a QDQ ONNX file: --out must end "
+                             f"in .onnx, got --out {args.out}")
+        calibration = [example_input(shape, args.seed + 1 + i).to(x.dtype)
+                       for i in range(args.calibration)]
     try:
-        result = export(folded, x, args.out, check=None if args.check == "none" else args.check)
+        result = export(folded, x, args.out, check=None if args.check == "none" else args.check,
+                        quantize=args.quantize, calibration=calibration)
     except MismatchError as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     kind = "ONNX" if result.format == "onnx" else "torch.export program"
-    print(f"wrote {result.path} ({kind}, dynamic batch)")
+    print(f"wrote {result.path} ({kind}{', ' + args.quantize + ' QDQ' if args.quantize else ''}, "
+          f"{'dynamic' if result.dynamic else 'fixed'} batch, {result.size_bytes / 1e6:.2f} MB)")
     print(result)
     print("export verified")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
 
 
 def add_parser(commands) -> None:
@@ -108,7 +124,15 @@ def add_parser(commands) -> None:
     sub.add_argument("--batch", type=int, default=1, help="example batch (the batch stays dynamic)")
     sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     sub.add_argument("--check", choices=["tensorrt", "none"], default="tensorrt",
-                     help="refuse graphs with ops Torch-TensorRT does not convert (default)")
+                     help="refuse legofx layers with ops Torch-TensorRT does not convert, and "
+                          "list the model's other ops it would run in PyTorch (default)")
+    sub.add_argument("--quantize", choices=["int8"], default=None,
+                     help="write an int8 QDQ ONNX file (ONNX Runtime's static quantizer; "
+                          "TensorRT builds int8 engines from it), checked against the float model")
+    sub.add_argument("--calibration", type=_positive, default=8, metavar="N",
+                     help="with --quantize: calibrate on N random batches shaped like the "
+                          "example input (default 8; for accuracy, calibrate on real data with "
+                          "legofx.export(..., calibration=batches))")
     sub.add_argument("--fuse-batchnorm", action="store_true",
                      help="fold each BatchNorm that follows a folded layer into it "
                           "(fold(..., fuse_batchnorm=True))")

@@ -47,7 +47,7 @@ def compile(model: nn.Module, example_inputs, backend: str = "inductor", *,  # n
         options = {"min_block_size": 1, "enabled_precisions": {dtype}, **options}
         compiled = trt.compile(model, ir="dynamo", arg_inputs=list(inputs), **options)
     if verify:
-        check_outputs(compiled, model, [inputs], dtype, f"the {backend} module")
+        check_outputs(compiled, model, [(inputs, {})], dtype, f"the {backend} module")
     return compiled
 
 

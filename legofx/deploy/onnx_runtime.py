@@ -24,15 +24,23 @@ def names(prefix: str, count: int) -> list[str]:
 
 
 def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
-              opset: int = OPSET) -> None:
+              opset: int = OPSET, kwargs: dict | None = None,
+              output_names: list[str] | None = None) -> None:
     """Write ``program`` as ONNX (its dynamic dimensions stay dynamic); one file unless the
-    weights exceed protobuf's limit."""
+    weights exceed protobuf's limit. Inputs keep torch.export's names (the arguments', with
+    ``_0``... for nested tensors); ``output_names`` (one per output tensor) name the outputs,
+    ``output``, ``output_0``... without; one that an input has already (diffusers' ``sample``
+    in and out) becomes ``output.sample``."""
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got opset={opset}")
     weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     outputs = len(program.graph_signature.user_outputs)
-    torch.onnx.export(program, inputs, str(path), dynamo=True, opset_version=opset,
-                      input_names=names("input", len(inputs)), output_names=names("output", outputs),
+    if output_names is None or len(output_names) != outputs:
+        output_names = names("output", outputs)
+    inputs_named = {str(name) for name in program.graph_signature.user_inputs}
+    output_names = [f"output.{name}" if name in inputs_named else name for name in output_names]
+    torch.onnx.export(program, inputs, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
+                      output_names=output_names,
                       external_data=weights > _SINGLE_FILE_BYTES, verbose=False)
     _restore_output_dtypes(path, [node.meta["val"].dtype for node in program.graph.output_node().args[0]])
 
@@ -60,7 +68,7 @@ def _restore_output_dtypes(path: Path, dtypes: list[torch.dtype]) -> None:
         onnx.save(model, str(path))
 
 
-def _numpy(tensor: torch.Tensor):
+def numpy_input(tensor: torch.Tensor):
     if tensor.dtype == torch.bfloat16:
         raise TypeError("ONNX Runtime's Python API takes numpy arrays and numpy has no bfloat16; "
                         "use float16 or float32 for ONNX")
@@ -108,6 +116,6 @@ class OnnxRuntimeModule(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
-        feeds = {name: _numpy(t) for name, t in zip(self.input_names, inputs)}
+        feeds = {name: numpy_input(t) for name, t in zip(self.input_names, inputs)}
         outputs = [torch.from_numpy(out).to(self.device) for out in self.session.run(None, feeds)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

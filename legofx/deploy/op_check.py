@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from legofx.core.layer import RewrittenLayer
 from legofx.passes.inline_modules import region_of
 
 # The ATen ops (``str(OpOverload)``) that Torch-TensorRT 2.x turns into TensorRT layers, read
@@ -24,7 +25,7 @@ from legofx.passes.inline_modules import region_of
 #   1. ops with a ``@dynamo_tensorrt_converter`` in conversion/aten_ops_converters.py and
 #      conversion/ops_evaluators.py (a few converters also check arguments, e.g. no
 #      ``divisor_override`` in avg_pool, no dilation in max_pool; this list checks op types only);
-#   2. (second paragraph) ops its decomposition table (lowering/_decomposition_groups.py,
+#   2. ops its decomposition table (lowering/_decomposition_groups.py,
 #      ``torch_enabled_decompositions``) rewrites into ops of group 1 before conversion.
 # The graph is checked after the decompositions Torch-TensorRT applies to every program (all
 # CompositeImplicitAutograd ops), see :func:`_composite_decompositions`. What its lowering
@@ -35,7 +36,15 @@ from legofx.passes.inline_modules import region_of
 # rank). Left out on purpose: ``slice_scatter`` and ``empty.memory_format``, which circular
 # padding becomes: only recent Torch-TensorRT sources convert them, ``empty`` only without the
 # ``device`` argument exported graphs carry; so circular padding is reported, not assumed.
-TENSORRT_OPS = frozenset(f"aten.{op}" for op in """
+#   3. lowering passes that replace an op by one group 1 converts: the SDPA lowering
+#    (lowering/passes/lower_scaled_dot_product_attention.py) replaces the flash and efficient
+#    attention ops by ``scaled_dot_product_attention``; ``_scaled_dot_product_flash_attention_for_cpu``
+#    is what the same call exports to on CPU (Torch-TensorRT traces on the GPU, where it is flash).
+# Each entry keeps the file it was read from (:data:`TENSORRT_OP_SOURCES`), to re-read when
+# Torch-TensorRT changes.
+_SOURCE = "py/torch_tensorrt/dynamo/"
+TENSORRT_OP_SOURCES: dict[str, str] = {
+    **{f"aten.{op}": _SOURCE + "conversion/aten_ops_converters.py" for op in """
     convolution.default linear.default addmm.default mm.default bmm.default mv.default
     dot.default _cdist_forward.default _pdist_forward.default
     batch_norm.default native_batch_norm.default _native_batch_norm_legit_no_training.default
@@ -75,9 +84,11 @@ TENSORRT_OPS = frozenset(f"aten.{op}" for op in """
     upsample_nearest1d.default upsample_nearest2d.default upsample_nearest3d.default
     upsample_linear1d.default upsample_bilinear2d.default upsample_trilinear3d.default
     upsample_bicubic2d.default grid_sampler.default grid_sampler_2d.default
-    clone.default _to_copy.default copy.default detach.default scalar_tensor.default
+    clone.default _to_copy.default copy.default scalar_tensor.default
     arange.start_step full.default sym_size.int
-
+    """.split()},
+    "aten.detach.default": _SOURCE + "conversion/ops_evaluators.py",
+    **{f"aten.{op}": _SOURCE + "lowering/_decomposition_groups.py" for op in """
     hardtanh.default hardswish.default silu.default mish.default celu.default
     threshold.default _log_softmax.default logsumexp.default var.correction var_mean.correction
     std.correction t.default transpose.int stack.default narrow.default repeat.default
@@ -86,7 +97,14 @@ TENSORRT_OPS = frozenset(f"aten.{op}" for op in """
     ones_like.default full_like.default new_zeros.default new_ones.default new_full.default
     new_empty.default unbind.int _unsafe_index.Tensor upsample_bilinear2d.vec
     linalg_vector_norm.default sgn.default xlogy.Tensor tril.default triu.default addcmul.default
-""".split())
+    arange.default arange.start
+    """.split()},
+    **{f"aten.{op}": _SOURCE + "lowering/passes/lower_scaled_dot_product_attention.py" for op in """
+    _scaled_dot_product_flash_attention.default _scaled_dot_product_efficient_attention.default
+    _scaled_dot_product_flash_attention_for_cpu.default
+    """.split()},
+}
+TENSORRT_OPS = frozenset(TENSORRT_OP_SOURCES)
 
 _WITH_INDICES = {"aten.max_pool1d_with_indices.default", "aten.max_pool2d_with_indices.default",
                  "aten.max_pool3d_with_indices.default"}
@@ -129,28 +147,48 @@ class OpIssue:
         return f"{self.node} ({self.op}){': ' + self.where if self.where else ''}"
 
 
+_SKIP = "pass check=None to legofx.export (--check none on the command line) to skip this check"
+
+
 @dataclass
 class OpReport:
-    """The ops of an exported graph (op -> node count) and the nodes TensorRT would not take."""
+    """The ops of an exported graph (op -> node count) and the nodes Torch-TensorRT would not
+    convert: ``unsupported`` inside legofx's own regions (split, Lego conv, merge, absorbed
+    BatchNorm / ReLU: a refusal), ``outside`` them, in the user's own model (Torch-TensorRT
+    partitions the graph and runs those in PyTorch: a warning)."""
 
     ops: Counter
     unsupported: list[OpIssue] = field(default_factory=list)
     source: str = ""
+    outside: list[OpIssue] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.unsupported
 
+    def warning(self) -> str:
+        """What to tell about the nodes outside legofx's regions ("" if none)."""
+        if not self.outside:
+            return ""
+        lines = [f"  {issue}" for issue in self.outside]
+        return (f"{len(self.outside)} nodes of the model outside legofx's layers have no "
+                "Torch-TensorRT converter; Torch-TensorRT will run them in PyTorch:\n"
+                + "\n".join(lines))
+
     def __str__(self) -> str:
         head = f"Torch-TensorRT op check ({self.source}): {len(self.ops)} op types, "
-        if self.ok:
+        if self.ok and not self.outside:
             return head + "all convertible"
+        if self.ok:
+            return head + "legofx's layers all convertible; " + self.warning()
         lines = [f"  {issue}" for issue in self.unsupported]
-        return head + f"{len(self.unsupported)} nodes not convertible:\n" + "\n".join(lines)
+        text = (head + f"{len(self.unsupported)} nodes of legofx's layers not convertible:\n"
+                + "\n".join(lines) + f"\n({_SKIP})")
+        return text + ("\n" + self.warning() if self.outside else "")
 
 
 class UnsupportedOpsError(ValueError):
-    """Some ops of the exported graph have no Torch-TensorRT converter."""
+    """Some ops of legofx's own layers in the exported graph have no Torch-TensorRT converter."""
 
     def __init__(self, report: OpReport) -> None:
         super().__init__(str(report))
@@ -278,6 +316,24 @@ def check_program(program: torch.export.ExportedProgram, model: torch.nn.Module 
             sources.update({n.name: n for n in graph_module.graph.nodes})
     nodes = [n for n in core.graph.nodes if n.op == "call_function"]
     report = OpReport(Counter(_name(n.target) for n in nodes), source=source)
-    report.unsupported = [OpIssue(n.name, _name(n.target), _origin(n, sources)) for n in nodes
-                          if n.target is not operator.getitem and not ok(n)]
+    for node in nodes:
+        if node.target is not operator.getitem and not ok(node):
+            issue = OpIssue(node.name, _name(node.target), _origin(node, sources))
+            (report.unsupported if _in_legofx_layer(node, sources, model) else
+             report.outside).append(issue)
     return report
+
+
+def _in_legofx_layer(node: fx.Node, sources: dict[str, fx.Node], model) -> bool:
+    """Was ``node`` traced from a legofx region (an inlined layer) or a legofx layer module?"""
+    source = sources.get(_source_node(node) or "")
+    if source is not None and region_of(source):
+        return True
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        try:
+            module = model.get_submodule(path) if model is not None and path else None
+        except AttributeError:  # a path torch.export spelled its own way
+            module = None
+        if isinstance(module, RewrittenLayer):
+            return True
+    return False

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from legofx.core.layer import RewrittenLayer
+from legofx.deploy.structure import tensor_leaves
 
 # Largest accepted error, as max|deployed - eager| / max|eager| over each output. The two sides
 # compute the same function with other kernels (conv algorithms, fused BN, other summation
@@ -20,6 +21,8 @@ from legofx.core.layer import RewrittenLayer
 #   bfloat16: u = 3.9e-3;  5e-2 (~13 u), by the same reasoning (not exercised by ONNX).
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
               torch.bfloat16: 5e-2}
+
+
 class MismatchError(RuntimeError):
     """The deployed model does not compute what the eager model computes."""
 
@@ -56,16 +59,26 @@ def model_dtype(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> torc
 
 
 def output_error(actual, expected) -> tuple[float, float]:
-    """(max|a - e| / max|e|, max|a - e|): the worst over all outputs, in float64."""
-    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    """(max|a - e| / max|e|, max|a - e|): the worst over all output tensors, in float64.
+
+    Both may be any pytree (a tensor, tuples, lists, dicts, dataclasses, ``ModelOutput``) or
+    a flat list of tensors (what ONNX Runtime returns); their tensors are compared in pytree
+    order, and a mismatch names the expected leaf by its path (``out.hidden_states[2]``).
+    """
+    actual = [t for _, t in tensor_leaves(actual)]
+    expected = tensor_leaves(expected)
     if len(actual) != len(expected):
-        raise MismatchError(f"{len(actual)} outputs, expected {len(expected)}")
+        shown = ", ".join(name for name, _ in expected[:6]) + (", ..." if len(expected) > 6 else "")
+        raise MismatchError(f"{len(actual)} output tensors, expected {len(expected)} ({shown})")
     relative = absolute = 0.0
-    for a, e in zip(actual, expected):
+    for a, (name, e) in zip(actual, expected):
         if a.shape != e.shape or a.dtype != e.dtype:
-            raise MismatchError(f"output {a.dtype} {tuple(a.shape)}, expected {e.dtype} "
+            raise MismatchError(f"output {name}: {a.dtype} {tuple(a.shape)}, expected {e.dtype} "
                                 f"{tuple(e.shape)}")
+        if e.dtype == torch.bool or not (e.is_floating_point() or e.is_complex()):
+            if not torch.equal(a.cpu(), e.cpu()):
+                raise MismatchError(f"output {name}: integer or boolean values differ")
+            continue
         e = e.detach().cpu().double()
         diff = (a.detach().cpu().double() - e).abs().max().item() if e.numel() else 0.0
         scale = e.abs().max().item() if e.numel() else 0.0
@@ -75,12 +88,14 @@ def output_error(actual, expected) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def check_outputs(deployed, model: nn.Module, batches: list[tuple], dtype: torch.dtype, what: str
-            ) -> tuple[float, float, float]:
+def check_outputs(deployed, model: nn.Module, batches: list[tuple[tuple, dict]], dtype: torch.dtype,
+                  what: str) -> tuple[float, float, float]:
+    """Run ``deployed`` and ``model`` on each ``(args, kwargs)`` of ``batches``; raise
+    :class:`MismatchError` beyond :data:`TOLERANCES`. Returns (error, abs error, tolerance)."""
     tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     worst = (0.0, 0.0)
-    for inputs in batches:
-        worst = max(worst, output_error(deployed(*inputs), model(*inputs)))
+    for args, kwargs in batches:
+        worst = max(worst, output_error(deployed(*args, **kwargs), model(*args, **kwargs)))
     if worst[0] > tolerance:
         raise MismatchError(f"{what} differs from the PyTorch model: max error {worst[0]:.3e} of "
                             f"the output scale (abs {worst[1]:.3e}) > tolerance {tolerance:g} "

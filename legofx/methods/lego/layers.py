@@ -34,8 +34,12 @@ from legofx.lowering.registry import register_lowering
 
 def split_fragments(x: Tensor, o: int) -> Tensor:
     """``(N, c, H, W) -> (N*o, c/o, H, W)``: the ``o`` contiguous channel fragments as batch
-    (an unbatched ``(c, H, W)`` gives ``(o, c/o, H, W)``)."""
-    return x.unflatten(-3, (o, -1)).flatten(0, -4)
+    (an unbatched ``(c, H, W)`` gives ``(o, c/o, H, W)``).
+
+    ``contiguous()`` first: a non-contiguous input (a permuted or channels-last one) has to be
+    copied either way, and an explicit copy exports as ``clone`` + ``view``, which
+    Torch-TensorRT converts, where ``reshape``'s copy exports as ``_unsafe_view``."""
+    return x.contiguous().unflatten(-3, (o, -1)).flatten(0, -4)
 
 
 def convolve_batch(frags: Tensor, lego: Tensor, conv: dict) -> Tensor:
