@@ -254,3 +254,20 @@ def test_hooks_on_inner_modules_of_a_traced_model_still_run():
     for form in (gm, legofx.fold(gm.eval())):
         form(torch.randn(1, 4, 5, 5))
     assert seen == [(1, 4, 5, 5)] * 2
+
+
+def test_compare_calls_lets_a_value_dependent_count_differ():
+    """A detector keeps as many boxes as pass its score threshold: only the first dimension."""
+
+    class Boxes(nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.keep = keep
+
+        def forward(self, x):
+            return [{"boxes": x.new_zeros(self.keep, 4)}]
+
+    x = torch.randn(1, 4, 5, 5)
+    compare_calls(Boxes(0), Boxes(7), (x,), {})
+    with pytest.raises(legofx.InterfaceError, match=r"output\[0\]\['boxes'\]"):
+        compare_calls(Boxes(0), Boxes(7), (x,), {}, same_function=True)
