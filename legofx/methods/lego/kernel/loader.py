@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from legofx.core.files import write_atomically
 from legofx.lowering.registry import LoweringUnavailable
 
 SOURCE = Path(__file__).with_name("lego_merge.c")
@@ -157,15 +158,6 @@ def _verified(target: Path) -> bool:
         return False
 
 
-def _write_private(path: Path, data: bytes, scratch: Path) -> None:
-    """Write ``data`` to ``path`` atomically (scratch file, 0700, rename): a failed write
-    leaves no partial file."""
-    temporary = scratch / (path.name + ".part")
-    temporary.write_bytes(data)
-    os.chmod(temporary, 0o700)
-    os.replace(temporary, path)
-
-
 def build(compiler: str | None = None) -> Path:
     """Compile ``lego_merge.c`` for ``$LEGOFX_KERNEL``'s code path into a shared library (once
     per source, compiler, path and CPU); returns the verified library's path."""
@@ -203,9 +195,8 @@ def _build(compiler: str, path: str, flag_sets) -> Path:
                                      capture_output=True, text=True)
                 if run.returncode == 0:
                     data = built.read_bytes()
-                    _write_private(target, data, Path(scratch))
-                    _write_private(target.with_suffix(".sha256"), _digest(data).encode(),
-                                   Path(scratch))
+                    write_atomically(target, data, mode=0o700)
+                    write_atomically(target.with_suffix(".sha256"), _digest(data), mode=0o700)
                     if _verified(target):
                         return target
                     errors.append(f"{target} changed while it was written")
