@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 
 from legofx.deploy.onnx_runtime import OnnxRuntimeModule, numpy_input
 from legofx.deploy.structure import as_args, flat_tensors, tensor_leaves
-from legofx.deploy.verify import MismatchError
+from legofx.deploy.verify import MismatchError, max_error
 
 QUANTIZE = ("int8",)
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -104,12 +104,10 @@ def int8_agreement(actual, expected) -> tuple[float, float]:
     for a, (_, e) in zip([t for _, t in tensor_leaves(actual)], tensor_leaves(expected)):
         if not e.is_floating_point() or not e.numel():
             continue
+        relative = max(relative, max_error(a, e)[0])
         a, e = a.detach().cpu().double().flatten(), e.detach().cpu().double().flatten()
         norms = a.norm() * e.norm()
         cosine = min(cosine, (a @ e / norms).item() if norms > 0 else float(torch.equal(a, e)))
-        scale = e.abs().max().item()
-        diff = (a - e).abs().max().item()
-        relative = max(relative, diff / scale if scale > 0 else diff)
     return cosine, relative
 
 

@@ -79,12 +79,20 @@ def output_error(actual, expected) -> tuple[float, float]:
             if not torch.equal(a.cpu(), e.cpu()):
                 raise MismatchError(f"output {name}: integer or boolean values differ")
             continue
-        e = e.detach().cpu().double()
-        diff = (a.detach().cpu().double() - e).abs().max().item() if e.numel() else 0.0
-        scale = e.abs().max().item() if e.numel() else 0.0
-        absolute = max(absolute, diff)
-        relative = max(relative, diff / scale if scale > 0 else diff)
+        leaf_relative, diff = max_error(a, e)
+        absolute, relative = max(absolute, diff), max(relative, leaf_relative)
     return relative, absolute
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max|a - e| / max|e|, max|a - e|) of one pair of floating tensors, in float64 (the
+    absolute difference where ``expected`` is all zeros or empty)."""
+    expected = expected.detach().cpu().double()
+    if not expected.numel():
+        return 0.0, 0.0
+    diff = (actual.detach().cpu().double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return (diff / scale if scale > 0 else diff), diff
 
 
 @torch.no_grad()
