@@ -89,6 +89,30 @@ def test_auto_records_its_timings():
     assert "[auto: gather" in record.lowering and "dense" in record.lowering
 
 
+def test_auto_on_a_layer_called_several_times_keeps_each_call_s_input():
+    """A shared head (torchvision's RPN head) runs one conv on every feature level; timing
+    records the first input and must not feed it to the later calls."""
+
+    class SharedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, levels):  # a list: stays eager, the conv is one module called twice
+            return [self.conv(level) + level for level in levels]
+
+    gm = legofx.transform(SharedHead(), o=2, m=4)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
+    levels = [x, x[..., ::2, ::2]]
+    folded = legofx.fold(gm.double().eval(), "auto", example_inputs=(levels,))
+    with torch.no_grad():
+        ours, reference = folded(levels), gm(levels)
+    assert [o.shape for o in ours] == [(1, 8, 8, 8), (1, 8, 4, 4)]
+    for a, b in zip(ours, reference):
+        assert relative_error(a, b) <= tolerance(torch.float64)
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
 def test_auto_times_the_lowerings_compiled_for_the_backend(backend):
     if backend == "onnxruntime":

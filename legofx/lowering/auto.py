@@ -104,9 +104,12 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], example_inputs:
     """The input each of ``layers`` (name -> module of ``model``) gets first when ``model``
     runs ``example_inputs`` in eval mode (training flags are restored afterwards)."""
     seen: dict[str, Tensor] = {}
-    hooks = [module.register_forward_pre_hook(
-        lambda module, args, name=name: seen.setdefault(name, args[0].detach()))
-        for name, module in layers.items()]
+
+    def keep_first(name: str, args: tuple) -> None:  # None: a pre-hook's result replaces the input
+        seen.setdefault(name, args[0].detach())
+
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: keep_first(name, args))
+             for name, module in layers.items()]
     try:
         with kept_modes(model, training=False):
             model(*example_inputs, **(example_kwargs or {}))
