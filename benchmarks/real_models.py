@@ -400,8 +400,10 @@ def run_case(case: Case, export: bool) -> Result:
 
 def try_export(model, folded, call) -> str:
     """``legofx.export`` of the folded model to ONNX with default arguments, where the
-    original exports with the same call (``"original does not export"`` otherwise)."""
-    args, kwargs = call
+    original exports with the same call (``"original does not export"`` otherwise). Both in
+    float32, as models are deployed (ONNX Runtime's CPU convolutions take no float64)."""
+    model, folded = copy.deepcopy(model).float(), copy.deepcopy(folded).float()
+    args, kwargs = _cast(call, torch.float32)
     with tempfile.TemporaryDirectory() as folder:
         try:
             legofx.export(model, args, Path(folder) / "original.onnx", check=None,

@@ -167,3 +167,47 @@ def test_structured_lowerings_equal_the_training_form(case, strategy):
     record, = legofx.summary(folded)
     if record.rewritten and strategy == "dense":
         assert isinstance(folded.get_submodule("0"), DenseFoldedConv2d)
+
+
+def _timed_auto_fold(monkeypatch, layer_ms: dict, model_seconds: dict):
+    """fold(auto) with made-up timings: every layer times ``layer_ms``; the whole-model
+    variants take ``model_seconds`` (key -> seconds per call)."""
+    from legofx.lowering import auto
+
+    monkeypatch.setattr(auto, "choose_fastest",
+                        lambda candidates, x, backend: (min(layer_ms, key=layer_ms.get), layer_ms))
+    monkeypatch.setattr(auto, "interleaved_times", lambda models, *args, rounds, warmup: {
+        key: [model_seconds[key]] * rounds for key in models})
+    net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).double()
+    gm = legofx.transform(net, o=2, m=4)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    folded = legofx.fold(gm.eval(), "auto", example_inputs=x)
+    with torch.no_grad():
+        assert relative_error(folded(x), gm(x)) <= tolerance(torch.float64)
+    return [r.lowering for r in legofx.summary(folded) if r.rewritten]
+
+
+@pytest.mark.parametrize("seconds, kept", [
+    ({"per layer": 0.004, "dense": 0.005}, "per layer"),  # faster on the whole model
+    ({"per layer": 0.006, "dense": 0.005}, "dense"),  # each layer faster alone, not in context
+    ({"per layer": 0.00495, "dense": 0.005}, "dense"),  # within 2%: noise, the original's graph
+])
+def test_auto_checks_its_choice_on_the_whole_model(monkeypatch, seconds, kept):
+    lowerings = _timed_auto_fold(monkeypatch, {"gather": 1.0, "dense": 2.0, "accumulate": 3.0,
+                                               "merge-conv": 3.0}, seconds)
+    assert len(lowerings) == 2
+    for lowering in lowerings:
+        assert lowering.startswith("gather" if kept == "per layer" else "dense")
+        assert f"kept {kept}]" in lowering and "whole model: dense" in lowering
+
+
+def test_auto_tries_only_the_clear_per_layer_wins_as_well(monkeypatch):
+    # gather alone at 0.9 of dense is no clear win (CLEAR_WIN = 0.8): "clear wins" = dense,
+    # so only two variants are compared
+    lowerings = _timed_auto_fold(monkeypatch, {"gather": 0.9, "dense": 1.0, "accumulate": 3.0,
+                                               "merge-conv": 3.0}, {"per layer": 0.004, "dense": 0.005})
+    assert all("clear wins" not in lowering and "kept per layer" in lowering for lowering in lowerings)
+    lowerings = _timed_auto_fold(monkeypatch, {"gather": 0.5, "dense": 1.0, "accumulate": 3.0,
+                                               "merge-conv": 3.0}, {"per layer": 0.004, "dense": 0.005})
+    assert all("clear wins" not in lowering for lowering in lowerings)  # equal to per layer

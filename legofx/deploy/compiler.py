@@ -60,19 +60,28 @@ def save_tensorrt(module: nn.Module, path, example_inputs) -> None:
 def prepare_for_timing(backend: str):
     """How ``fold(strategy="auto", backend=backend)`` prepares each candidate layer.
 
-    For inductor the layer is first traced into a GraphModule of its own, so that dynamo
+    ``x`` is the layer's input, or the whole model's tuple of tensor inputs (the whole-model
+    check of ``"auto"``). For inductor the layer is first traced into a GraphModule of its own, so that dynamo
     compiles every candidate separately, for static shapes, instead of reusing (or giving up
     after) the compilations of other layers of the same class; ONNX Runtime sessions take turns.
     """
 
-    def prepare(layer: nn.Module, x: Tensor):
+    def prepare(layer: nn.Module, x: Tensor | tuple[Tensor, ...]):
         if backend == "inductor":
-            return compile(fx.symbolic_trace(layer), x, backend, verify=False, dynamic=False)
+            graph = layer if isinstance(layer, fx.GraphModule) else _traced_or_itself(layer)
+            return compile(graph, x, backend, verify=False, dynamic=False)
         if backend == "onnxruntime":
             return compile(layer, x, backend, verify=False, session_config=TAKING_TURNS)
         return compile(layer, x, backend, verify=False)
 
     return prepare
+
+
+def _traced_or_itself(module: nn.Module) -> nn.Module:
+    try:
+        return fx.symbolic_trace(module)
+    except Exception:  # noqa: BLE001 - a whole model need not trace; dynamo takes it as it is
+        return module
 
 
 for _backend in BACKENDS:

@@ -13,6 +13,8 @@ channels-last input the fused layers pass on.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,14 @@ from legofx.core.timing import interleaved_times, median_ms
 from legofx.lowering.registry import BACKENDS, LoweringUnavailable, known_lowerings, lowerings
 
 CUSTOM_OP_BACKENDS = ("eager", "inductor")
+# Whole-model check: a variant other than every layer dense is kept only when its median is
+# below this fraction of the dense model's. Closer than 2% is within the timing noise of
+# interleaved medians here, and the dense model is the original's own graph.
+KEEP_BELOW = 0.98
+# A layer's choice counts as a clear win when it took at most this fraction of the layer's
+# dense time alone: a layer timed alone does not pay what it costs in context (ONNX Runtime
+# reorders NCHWc blocks around non-conv ops and fuses Conv+BatchNorm+activation only for convs).
+CLEAR_WIN = 0.8
 
 
 def check_backend(backend, strategy, custom_ops: bool = False) -> None:
@@ -64,12 +74,24 @@ def check_strategy(strategy, layers: dict[str, RewrittenLayer]) -> None:
                          f"({listed}), got strategy={strategy!r}")
 
 
+def timing_key(layer: RewrittenLayer, example: Tensor, *settings) -> tuple:
+    """What a layer's timings depend on: its type and geometry (``extra_repr``), dtype and
+    device, the input's shape, dtype and strides, and ``settings``; not its values."""
+    tensor = next(layer.parameters(), example)
+    return (type(layer), layer.extra_repr(), tensor.dtype, tensor.device, tuple(example.shape),
+            example.dtype, example.stride(), *settings)
+
+
 def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
-          options: dict, backend: str = "eager", custom_ops: bool = False) -> RewrittenLayer:
+          options: dict, backend: str = "eager", custom_ops: bool = False,
+          timed: dict | None = None) -> RewrittenLayer:
     """The inference form of one training-form ``layer`` under ``strategy``.
 
     A named lowering the layer does not offer falls back to its default; ``"auto"`` without
-    an example input for the layer (never called on ``example_inputs``) does too.
+    an example input for the layer (never called on ``example_inputs``) does too. ``timed``
+    (a dict shared by the layers of one ``fold``) keeps ``"auto"``'s timings by
+    :func:`timing_key`, so that a layer like one already timed takes the same lowering
+    without being timed again (a ResNet's repeated blocks).
     """
     offered = lowerings(layer)
     default = next(iter(offered.values()))
@@ -81,6 +103,13 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
                if custom_ops or not lowering.by_name_only}
     if example is None or len(offered) == 1:
         return default.build(layer, **options)
+    key = timing_key(layer, example, backend, custom_ops, tuple(sorted(options.items(), key=str)))
+    if timed is not None and key in timed:
+        medians, note = timed[key]
+        chosen = offered[min(medians, key=medians.get)].build(layer, **options)
+        chosen.auto_medians = medians
+        chosen.lowering = f"{chosen.lowering} [auto{note}, as timed for a layer of the same shape]"
+        return chosen
     candidates, dropped = {}, {}
     for name, lowering in offered.items():
         try:
@@ -91,10 +120,13 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
             dropped[name] = str(why).splitlines()[0]
     best, medians = choose_fastest(candidates, example, backend=backend)
     chosen = candidates[best]
+    chosen.auto_medians = medians  # read (and removed) by whole_model_variants
     timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in medians.items())
     timings += "".join(f"; {name} dropped: {why}" for name, why in dropped.items())
     where = "" if backend == "eager" else f" on {backend}"
     chosen.lowering = f"{chosen.lowering} [auto{where}: {timings}]"
+    if timed is not None:
+        timed[key] = (medians, f"{where}: {timings}")
     return chosen
 
 
@@ -117,3 +149,41 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], example_inputs:
         for hook in hooks:
             hook.remove()
     return seen
+
+
+def whole_model_variants(layers: dict[str, RewrittenLayer], chosen: dict[str, RewrittenLayer],
+                         options: dict) -> dict[str, dict[str, RewrittenLayer]]:
+    """What ``"auto"`` compares on the whole model, each a lowering per layer name: ``dense``
+    (every timed layer dense: the original's graph), ``per layer`` (each timed layer's fastest
+    alone) and ``clear wins`` (those only where they took at most :data:`CLEAR_WIN` of the
+    layer's dense time, dense elsewhere). Layers that were not timed keep their lowering.
+    Variants equal to an earlier one are left out; ``{}`` when there is nothing to compare."""
+    medians = {name: layer.__dict__.pop("auto_medians", None) for name, layer in chosen.items()}
+    timed = {name: times for name, times in medians.items() if times and "dense" in times}
+    fastest = {name: min(times, key=times.get) for name, times in timed.items()}
+    per_layer = {name for name, best in fastest.items() if best != "dense"}
+    wins = {name for name in per_layer if timed[name][fastest[name]] <= CLEAR_WIN * timed[name]["dense"]}
+    unique, seen = {}, []
+    for key, kept in {"dense": set(), "per layer": per_layer, "clear wins": wins}.items():
+        if kept not in seen:
+            seen.append(kept)
+            unique[key] = {name: (lowerings(layers[name])["dense"].build(layers[name], **options)
+                                  if name in timed and name not in kept else copy.deepcopy(layer))
+                           for name, layer in chosen.items()}
+    return unique if len(unique) > 1 else {}
+
+
+def choose_fastest_model(models: dict[str, nn.Module], example_inputs: tuple, backend: str,
+                         rounds: int = 9) -> tuple[str, dict]:
+    """The key of the fastest of ``models`` (the whole model under each variant of
+    :func:`whole_model_variants`) on ``backend``, by interleaved medians; ``dense`` unless
+    another is below :data:`KEEP_BELOW` of its time. Returns the key and the medians in ms."""
+    with kept_modes(*models.values(), training=False):
+        runnable = {key: BACKENDS[backend](model, example_inputs) for key, model in models.items()}
+        times = interleaved_times(runnable, *example_inputs, rounds=rounds,
+                                  warmup=2 if backend != "eager" else 1)
+    medians = {key: median_ms(samples) for key, samples in times.items()}
+    best = min(medians, key=medians.get)
+    if "dense" in medians and medians[best] > KEEP_BELOW * medians["dense"]:
+        best = "dense"
+    return best, medians

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from legofx import passes
-from legofx.core.arguments import as_input_tuple, check_index_dtype
+from legofx.core.arguments import as_input_tuple, check_index_dtype, example_call
 from legofx.core.layer import RewrittenLayer
 from legofx.core.progress import progress
 from legofx.core.records import stored_records
@@ -26,7 +26,8 @@ from legofx.fx.generated_weight import GeneratedWeight
 from legofx.fx.rewrite import graph_modules
 from legofx.fx.tracing import copy_model, unshare
 from legofx.lowering import batchnorm  # noqa: F401  (registers its absorber)
-from legofx.lowering.auto import check_backend, check_strategy, layer_inputs, lower
+from legofx.lowering.auto import (check_backend, check_strategy, choose_fastest_model, layer_inputs,
+                                  lower, whole_model_variants)
 from legofx.lowering.registry import ABSORBERS
 
 
@@ -78,8 +79,34 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
               else layer_inputs(gm, training, as_input_tuple(example_inputs)))
     timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
              if strategy == "auto" and backend != "eager" else training.items())
-    folded = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops)
+    memo: dict = {}
+    folded = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops, memo)
               for name, module in timed}
+    variants = whole_model_variants(training, folded, options) if strategy == "auto" else {}
+    calls = example_call(example_inputs, None)
+    if variants and (backend == "eager" or all(isinstance(a, torch.Tensor) for a in calls[0])):
+        models = {key: _assembled(copy_model(gm, shared=_training_tensors(gm)), layers, fuse_batchnorm)
+                  for key, layers in variants.items()}
+        try:
+            best, medians = choose_fastest_model(models, calls[0], backend)
+            note = "whole model: " + ", ".join(f"{key} {ms:.3g} ms" for key, ms in medians.items())
+        except Exception as why:  # noqa: BLE001 - e.g. the whole model does not export
+            best, note = "per layer", f"whole model not timed ({type(why).__name__}: {why}"[:200] + ")"
+        for name, layer in variants[best].items():
+            timings = folded[name].lowering.rpartition(" [auto")[2]
+            if timings != folded[name].lowering:
+                layer.lowering = (f"{layer.lowering.split(' [auto')[0]} [auto{timings[:-1]}; "
+                                  f"{note}; kept {best}]")
+        gm = models[best]
+    else:
+        gm = _assembled(gm, folded, fuse_batchnorm)
+    unshare(gm, original)
+    return gm
+
+
+def _assembled(gm: nn.Module, folded: dict[str, nn.Module], fuse_batchnorm: bool) -> nn.Module:
+    """``gm`` with ``folded`` (name -> inference-form layer) swapped in, the registered
+    absorbers applied and the new layers expanded into graph nodes (in place)."""
     passes.swap_modules(gm, folded)
     enabled = {"fuse_batchnorm": fuse_batchnorm}
     for absorber in ABSORBERS:
@@ -88,7 +115,6 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     new = {id(layer) for layer in folded.values()}
     for graph_module in graph_modules(gm):
         passes.inline_modules(graph_module, lambda name, m: id(m) in new and m.inline)
-    unshare(gm, original)
     return gm
 
 
