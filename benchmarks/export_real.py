@@ -8,8 +8,10 @@ For each model: the original through ``torch.onnx.export(dynamo=True)`` with its
 inputs; ``legofx.transform(o=2, m=0.5)`` -> ``fold(strategy="auto", backend="onnxruntime")`` ->
 ``legofx.export(folded, inputs, "x.onnx")`` (defaults: dynamic batch where torch.export can,
 the Torch-TensorRT op check); latency of the original and the folded ONNX files (each exported
-at batch 1 and 8 with a fixed batch), ONNX Runtime CPU sessions taking turns
-(``TAKING_TURNS``), ``interleaved_times``, medians. Writes benchmarks/results/export_real.json
+at batch 1 and 8 with a fixed batch; the model is folded again with batch-8 example inputs for
+batch 8), ONNX Runtime CPU sessions taking turns (``TAKING_TURNS``), ``interleaved_times``,
+medians, with a second session of the original ("A/A": the noise between equal files) and
+what ``auto``'s whole-model check kept (dense / per layer / clear wins). Writes benchmarks/results/export_real.json
 and prints the table (docs/export_real.md has the last one); a run of some --models
 replaces their rows in the file and keeps the others.
 """
@@ -24,6 +26,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -166,11 +169,19 @@ def run(name: str, build, folder: Path, rounds: int) -> dict:
     for batch in (1, 8):
         try:
             inputs = _at_batch(args, batch)
-            runs = {"original": _session(copy.deepcopy(model), inputs, folder / f"{name}-o{batch}.onnx"),
-                    "lego": _session(folded, inputs, folder / f"{name}-l{batch}.onnx")}
-            times = {key: [] for key in runs}
-            for key, samples in interleaved_times(runs, rounds=rounds).items():
-                times[key] = samples
+            # auto chooses for the shapes it is deployed at: fold again for batch 8
+            lego = folded if batch == 1 else legofx.fold(gm, "auto", example_inputs=inputs,
+                                                         backend="onnxruntime")
+            kept = {r.lowering.rpartition("kept ")[2].rstrip("]") for r in legofx.summary(lego)
+                    if r.rewritten and "kept " in r.lowering}
+            row[f"b{batch}_kept"] = sorted(kept)
+            row[f"b{batch}_lowerings"] = dict(Counter(r.lowering.split(" ")[0]
+                                                      for r in legofx.summary(lego) if r.rewritten))
+            original = _session(copy.deepcopy(model), inputs, folder / f"{name}-o{batch}.onnx")
+            runs = {"original": original, "lego": _session(lego, inputs, folder / f"{name}-l{batch}.onnx"),
+                    # a second session of the original file: the timing noise between equals
+                    "original again": _session(copy.deepcopy(model), inputs, folder / f"{name}-a{batch}.onnx")}
+            times = interleaved_times(runs, rounds=rounds, warmup=2)
             row[f"b{batch}"] = {key: median_ms(samples) for key, samples in times.items()}
         except Exception as err:  # noqa: BLE001
             row[f"b{batch}_error"] = _first_line(err)
@@ -185,12 +196,21 @@ def table(rows: list[dict]) -> str:
             value = r.get(f"b{batch}", {}).get(key)
             return f"{value:.2f}" if value is not None else "-"
         status = "ok" if r.get("folded_exports") else f"{r.get('stage')}: {r.get('error', '')[:70]}"
+        def ratio(batch, key):
+            times = r.get(f"b{batch}", {})
+            return f"{times[key] / times['original']:.2f}" if key in times else "-"
+
+        def kept(batch):
+            return "/".join(r.get(f"b{batch}_kept", [])) or "-"
         lines.append([r["model"], "yes" if r.get("original_exports") else "no", r.get("rewritten", "-"),
                       status, f"{r['max_error']:.1e}" if "max_error" in r else "-",
-                      ms(1, "original"), ms(1, "lego"), ms(8, "original"), ms(8, "lego")])
+                      ms(1, "original"), ms(1, "lego"), ratio(1, "lego"), ratio(1, "original again"),
+                      kept(1), ms(8, "original"), ms(8, "lego"), ratio(8, "lego"),
+                      ratio(8, "original again"), kept(8)])
     return tabulate(lines, ["model", "original exports", "convs rewritten", "folded export (defaults)",
-                            "ORT error", "b1 original ms", "b1 Lego ms", "b8 original ms",
-                            "b8 Lego ms"], tablefmt="github")
+                            "ORT error", "b1 original ms", "b1 Lego ms", "b1 Lego/orig.",
+                            "b1 A/A", "b1 auto kept", "b8 original ms", "b8 Lego ms",
+                            "b8 Lego/orig.", "b8 A/A", "b8 auto kept"], tablefmt="github")
 
 
 def main() -> None:
