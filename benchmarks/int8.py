@@ -3,10 +3,12 @@ original int8, Lego fp32 and Lego int8 models.
 
     python benchmarks/int8.py [--models resnet18,resnet50] [--size 224] [--rounds 10]
 
-Sizes and latency: torchvision ResNet-18 / ResNet-50 (random weights), Lego o=2, m=0.5 folded
-with the default lowering and BatchNorm fused (``fold(fuse_batchnorm=True)``); every file
-written by ``legofx.export`` (dynamic batch), int8 with ``quantize="int8"`` calibrated on 4
-random batches of 8. Latency: the four ONNX Runtime CPU sessions taking turns (``TAKING_TURNS``,
+Sizes and latency: torchvision ResNet-18 / ResNet-50 (random weights), Lego o=2, m=0.5
+(random selections) folded with BatchNorm fused and ``strategy="auto"`` on
+``backend="onnxruntime-int8"`` (each layer's lowering by its int8 time, checked on the whole
+int8 model), once per batch (``--strategy gather`` etc. for one lowering everywhere); every
+file written by ``legofx.export``, int8 with ``quantize="int8"`` calibrated on 4 random
+batches of 8. Latency: the four ONNX Runtime CPU sessions taking turns (``TAKING_TURNS``,
 ``interleaved_times``), medians, batch 1 and 8, one run.
 Accuracy: the demo's digits task (legofx.demo.digits: ``cnn()`` trained dense, and as Lego
 from scratch, with the demo's budget), test accuracy of the PyTorch fp32 model and of the int8
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,16 +33,35 @@ import legofx
 from legofx.core.timing import interleaved_times, median_ms
 from legofx.demo.digits import Budget, accuracy, cnn, digits, train
 from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule
+from legofx.testing import randomize_lego
 
 RESULTS = Path(__file__).parent / "results" / "int8.json"
 
 
-STRATEGY = None  # fold's strategy for the Lego models (--strategy)
+STRATEGY = "auto"  # fold's strategy for the Lego models (--strategy)
 
 
-def lego(model: torch.nn.Module) -> torch.nn.Module:
-    return legofx.fold(legofx.transform(model.eval(), o=2, m=0.5).eval(), STRATEGY,
-                       fuse_batchnorm=True)
+def lego(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """``model`` as Lego (o=2, m=0.5, random selections), folded with ``STRATEGY`` and
+    BatchNorm fused; ``"auto"`` chooses by int8 ONNX Runtime time on ``x``."""
+    gm = legofx.transform(model.eval(), o=2, m=0.5)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    return fold_lego(gm, x)
+
+
+def fold_lego(gm: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    if STRATEGY == "auto":
+        return legofx.fold(gm.eval(), "auto", example_inputs=x, backend="onnxruntime-int8",
+                           fuse_batchnorm=True)
+    return legofx.fold(gm.eval(), STRATEGY, fuse_batchnorm=True)
+
+
+def kept(model: torch.nn.Module) -> dict:
+    """How many layers took each lowering, and what auto's whole-model check kept."""
+    records = [r for r in legofx.summary(model) if r.rewritten]
+    return {"lowerings": dict(Counter(r.lowering.split(" ")[0] for r in records)),
+            "kept": sorted({r.lowering.rpartition("kept ")[2].rstrip("]") for r in records
+                            if "kept " in r.lowering})}
 
 
 def variants(models: dict, x: torch.Tensor, calibration: list, folder: Path, name: str) -> dict:
@@ -55,15 +77,19 @@ def variants(models: dict, x: torch.Tensor, calibration: list, folder: Path, nam
 def size_and_latency(name: str, size: int, rounds: int, folder: Path) -> dict:
     torch.manual_seed(0)
     original = getattr(torchvision.models, name)().eval()
-    x = torch.randn(1, 3, size, size)
     calibration = [torch.randn(8, 3, size, size) for _ in range(4)]
-    results = variants({"original": original, "Lego": lego(original)}, x, calibration, folder, name)
-    row = {"model": name, "input": size,
-           "size_mb": {k: r.size_bytes / 1e6 for k, r in results.items()},
-           "cosine": {k: r.cosine for k, r in results.items() if r.cosine is not None},
-           "int8_max_error": {k: r.int8_max_error for k, r in results.items() if r.cosine is not None}}
-    for batch in (1, 8):
+    row = {"model": name, "input": size, "strategy": STRATEGY}
+    for batch in (1, 8):  # auto chooses for the batch it is deployed at: fold per batch
         inputs = torch.randn(batch, 3, size, size)
+        folded = lego(original, inputs)
+        results = variants({"original": original, "Lego": folded}, inputs, calibration, folder,
+                           f"{name}-b{batch}")
+        if batch == 1:
+            row.update(size_mb={k: r.size_bytes / 1e6 for k, r in results.items()},
+                       cosine={k: r.cosine for k, r in results.items() if r.cosine is not None},
+                       int8_max_error={k: r.int8_max_error for k, r in results.items()
+                                       if r.cosine is not None})
+        row[f"b{batch}_lowerings"] = kept(folded)
         sessions = {k: OnnxRuntimeModule.from_file(r.path, session_config=TAKING_TURNS)
                     for k, r in results.items()}
         times = interleaved_times(sessions, inputs, rounds=rounds, warmup=2)
@@ -78,9 +104,8 @@ def digits_accuracy(folder: Path, budget: Budget) -> dict:
     torch.manual_seed(0)
     dense = train(cnn(), data, budget, "dense CNN", quiet=True)
     torch.manual_seed(0)
-    scratch = legofx.fold(train(legofx.transform(cnn(), o=2, m=0.5), data, budget,
-                                "Lego (from scratch)", quiet=True).eval(), STRATEGY,
-                          fuse_batchnorm=True)
+    scratch = fold_lego(train(legofx.transform(cnn(), o=2, m=0.5), data, budget,
+                              "Lego (from scratch)", quiet=True), x_test[:64])
     calibration = list(data[0][:512].split(64))
     row = {}
     for kind, model in {"original": dense, "Lego": scratch}.items():
@@ -101,9 +126,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=Budget().epochs)
-    parser.add_argument("--strategy", default="merge-conv",
-                        help="fold's strategy for the Lego models (default merge-conv: its merge "
-                             "is a 1x1 conv, which int8 quantizes; gather's stays float)")
+    parser.add_argument("--strategy", default="auto",
+                        help="fold's strategy for the Lego models (default auto: each layer's "
+                             "lowering by its int8 ONNX Runtime time, checked on the whole model)")
     args = parser.parse_args()
     global STRATEGY
     STRATEGY = args.strategy
@@ -111,7 +136,7 @@ def main() -> None:
         rows = [size_and_latency(name, args.size, args.rounds, Path(folder))
                 for name in args.models.split(",")]
         accuracies = digits_accuracy(Path(folder), Budget(epochs=args.epochs))
-    results = RESULTS if args.strategy == "merge-conv" else RESULTS.with_name(f"int8_{args.strategy}.json")
+    results = RESULTS if args.strategy == "auto" else RESULTS.with_name(f"int8_{args.strategy}.json")
     results.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "strategy": args.strategy,
                                    "rows": rows, "digits": accuracies}, indent=1) + "\n")

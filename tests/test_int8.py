@@ -110,3 +110,25 @@ def test_an_int8_file_below_the_threshold_leaves_nothing(tmp_path):
                       calibration=_calibration(1), min_cosine=1.0)
     assert path.read_bytes() == b"the previous export"
     assert [f.name for f in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_auto_chooses_lowerings_by_their_int8_time(tmp_path):
+    """fold(auto, backend="onnxruntime-int8") times each layer's lowerings as int8 QDQ files
+    and checks the choice on the whole int8 model; the result exports to int8 and computes
+    the training form's function in float."""
+    from helpers import randomize_lego, relative_error, tolerance
+
+    gm = legofx.transform(_net(), o=2, m=0.5)
+    randomize_lego(gm, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 16, 8, 8)
+    folded = legofx.fold(gm.eval(), "auto", example_inputs=x, backend="onnxruntime-int8")
+    records = [r for r in legofx.summary(folded) if r.rewritten]
+    assert len(records) == 2
+    assert all("[auto on onnxruntime-int8: gather" in r.lowering for r in records)
+    # the whole model is timed unless every layer was fastest dense on its own already
+    assert all("whole model: dense" in r.lowering and "; kept " in r.lowering for r in records) or \
+        all(r.lowering.startswith("dense") and "whole model" not in r.lowering for r in records)
+    with torch.no_grad():
+        assert relative_error(folded(x), gm(x)) <= tolerance(torch.float32)
+    int8 = legofx.export(folded, x, tmp_path / "int8.onnx", quantize="int8", calibration=_calibration())
+    assert int8.cosine >= 0.99

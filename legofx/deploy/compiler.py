@@ -3,12 +3,15 @@ Torch-TensorRT; the same backends are registered for ``fold(strategy="auto", bac
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from legofx.core.arguments import as_input_tuple
-from legofx.deploy.exporter import export_program
+from legofx.deploy.exporter import export, export_program
 from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule
 from legofx.deploy.op_check import load_torch_tensorrt
 from legofx.deploy.verify import model_dtype, require_inference_form, require_standard_ops, check_outputs
@@ -84,5 +87,19 @@ def _traced_or_itself(module: nn.Module) -> nn.Module:
         return module
 
 
+def int8_session(model: nn.Module, x: Tensor | tuple[Tensor, ...]) -> OnnxRuntimeModule:
+    """How ``fold(strategy="auto", backend="onnxruntime-int8")`` prepares each candidate: the
+    int8 QDQ file ``export(quantize="int8")`` writes, calibrated on ``x`` itself (enough to
+    time it; its accuracy is checked when the chosen model is exported), in an ONNX Runtime
+    session taking turns. The file lives in a private temporary folder while it loads."""
+    inputs = as_input_tuple(x, tensors_only=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "candidate.onnx"
+        export(model, inputs, path, check=None, dynamic_batch=False, quantize="int8",
+               calibration=[inputs], min_cosine=-1.0)
+        return OnnxRuntimeModule.from_file(path, session_config=TAKING_TURNS)
+
+
 for _backend in BACKENDS:
     register_backend(_backend, prepare_for_timing(_backend))
+register_backend("onnxruntime-int8", int8_session)

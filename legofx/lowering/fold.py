@@ -53,8 +53,13 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         fuse_batchnorm: fold every eval-mode ``BatchNorm2d`` that directly follows a folded
             layer (its only user, in a traced graph) into that layer (exact up to rounding).
         backend: where ``"auto"`` times the lowerings: ``"eager"`` (default), or a registered
-            backend (``"inductor"``, ``"onnxruntime"``, ``"tensorrt"``) that compiles each
-            candidate first, so the choice fits where the model will be deployed.
+            backend (``"inductor"``, ``"onnxruntime"``, ``"onnxruntime-int8"`` (the int8 QDQ
+            file of ``export(quantize="int8")``), ``"tensorrt"``) that compiles each
+            candidate first, so the choice fits where the model will be deployed. The
+            choice is then checked on the whole model there: every layer dense (the
+            original's graph), each layer's fastest, and only the clear per-layer wins are
+            timed in turn, and dense is kept unless another is 2% faster
+            (:func:`legofx.lowering.auto.choose_fastest_model`); ``report`` shows the times.
         custom_ops: let ``"auto"`` pick ``"fused"`` as well (eager or inductor only).
     """
     if not isinstance(fuse_batchnorm, bool):
