@@ -142,7 +142,8 @@ def add_parser(commands) -> None:
                           "(the fastest per layer, timed on the example input); not fused, "
                           "whose custom op ONNX and TensorRT do not take")
     sub.add_argument("--auto-backend", choices=list(BACKENDS), default="eager",
-                     help="where --strategy auto times the lowerings (default eager; e.g. "
-                          "onnxruntime for an .onnx file)")
+                     help="where --strategy auto times the lowerings and then the whole "
+                          "model (default eager; onnxruntime for an .onnx file, "
+                          "onnxruntime-int8 with --quantize int8)")
     sub.add_argument("--seed", type=int, default=0)
     sub.set_defaults(handler=cmd_export)
