@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=Budget().epochs)
+    parser.add_argument("--skip-accuracy", action="store_true",
+                        help="sizes and latency only (no digits training)")
     parser.add_argument("--strategy", default="auto",
                         help="fold's strategy for the Lego models (default auto: each layer's "
                              "lowering by its int8 ONNX Runtime time, checked on the whole model)")
@@ -135,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         rows = [size_and_latency(name, args.size, args.rounds, Path(folder))
                 for name in args.models.split(",")]
-        accuracies = digits_accuracy(Path(folder), Budget(epochs=args.epochs))
+        accuracies = {} if args.skip_accuracy else digits_accuracy(Path(folder), Budget(epochs=args.epochs))
     results = RESULTS if args.strategy == "auto" else RESULTS.with_name(f"int8_{args.strategy}.json")
     results.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "strategy": args.strategy,
@@ -144,13 +146,18 @@ def main() -> None:
     print(tabulate([[r["model"], *(f"{r['size_mb'][k]:.1f}" for k in kinds),
                      f"{r['size_mb']['original fp32'] / r['size_mb']['Lego int8']:.1f}x"] for r in rows],
                    ["model", *(f"{k} MB" for k in kinds), "original fp32 / Lego int8"], tablefmt="github"))
-    print(tabulate([[r["model"], batch, *(f"{r[f'b{batch}_ms'][k]:.2f}" for k in kinds)]
+    print(tabulate([[r["model"], batch, *(f"{r[f'b{batch}_ms'][k]:.2f}" for k in kinds),
+                     f"{r[f'b{batch}_ms']['Lego int8'] / r[f'b{batch}_ms']['original int8']:.2f}",
+                     " ".join(f"{n} {c}" for n, c in r[f"b{batch}_lowerings"]["lowerings"].items()),
+                     "/".join(r[f"b{batch}_lowerings"]["kept"]) or "-"]
                     for r in rows for batch in (1, 8)],
-                   ["model", "batch", *(f"{k} ms" for k in kinds)], tablefmt="github"))
-    print(tabulate([[kind, f"{100 * a['fp32']:.1f}", f"{100 * a['int8']:.1f}", f"{a['cosine']:.5f}"]
-                    for kind, a in accuracies.items()],
-                   ["digits model", "fp32 accuracy %", "int8 accuracy % (ONNX Runtime)", "int8 cosine"],
-                   tablefmt="github"))
+                   ["model", "batch", *(f"{k} ms" for k in kinds), "Lego int8 / original int8",
+                    "Lego layers", "auto kept"], tablefmt="github"))
+    if accuracies:
+        print(tabulate([[kind, f"{100 * a['fp32']:.1f}", f"{100 * a['int8']:.1f}", f"{a['cosine']:.5f}"]
+                        for kind, a in accuracies.items()],
+                       ["digits model", "fp32 accuracy %", "int8 accuracy % (ONNX Runtime)",
+                        "int8 cosine"], tablefmt="github"))
 
 
 if __name__ == "__main__":
