@@ -180,7 +180,7 @@ def test_an_output_named_like_an_input_is_renamed(tmp_path):
 
 
 def test_subnormal_differences_are_rounding_not_error():
-    # ONNX Runtime flushes float32 subnormals to zero; PyTorch keeps them
+    # kernels differ in how they treat float32 subnormals (flushed to zero or kept)
     expected = torch.full((3,), 1e-40)
     assert output_error(torch.zeros(3), expected)[0] == 0.0
     # an error above the subnormal range still counts, as an absolute error where the

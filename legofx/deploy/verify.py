@@ -88,9 +88,9 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, floa
     """(max|a - e| / max|e|, max|a - e|) of one pair of floating tensors, in float64.
 
     Differences in the subnormal range of ``expected``'s dtype (below ``finfo.tiny``, 1.2e-38
-    for float32) count as zero: ONNX Runtime and TensorRT flush subnormals to zero where
-    PyTorch keeps them, so an output of random weights that has decayed to ~1e-40 would
-    otherwise be an error of order 1. Where ``expected`` is all zeros or subnormal, the
+    for float32) count as zero: kernels differ in how they treat subnormals (some flush them to
+    zero, others keep them, with fewer significant bits), so an output of random weights that
+    has decayed to ~1e-40 would otherwise be an error of order 1. Where ``expected`` is all zeros or subnormal, the
     relative error is the absolute one. Empty tensors: (0, 0).
     """
     tiny = torch.finfo(expected.dtype).tiny if expected.is_floating_point() else 0.0
