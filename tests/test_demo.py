@@ -70,7 +70,8 @@ def test_demo_prints_every_row_and_saves_the_picture(demo_run):
     for row in latency:
         assert float(row[4]) > 0 and float(row[5]) > 0
     # legofx.export takes quantize="int8": the int8 rows are there, with the file sizes
-    assert results["realistic"]["int8"].startswith("int8: original and Lego exported"), out
+    assert results["realistic"]["int8"].startswith("int8: original and Lego (fold(auto"), out
+    assert results["realistic"]["lowerings"]["onnxruntime int8"].startswith("auto timed as int8")
     assert results["realistic"]["size"]["lego"]["int8_file_mb"] > 0
 
     assert out == render(results) + "\n"  # what it prints is its JSON, rendered

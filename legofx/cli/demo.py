@@ -79,7 +79,8 @@ def size_table(realistic: dict) -> str:
 
 def latency_table(realistic: dict) -> str:
     lowerings = realistic["lowerings"]
-    rows = [[row["backend"], lowerings[row["backend"].split(" ")[0]], row["baseline"], row["batch"],
+    rows = [[row["backend"], lowerings.get(row["backend"], lowerings[row["backend"].split(" ")[0]]),
+             row["baseline"], row["batch"],
              _ms(row["original_ms"]), _ms(row["lego_ms"]), f"{row['speedup']:.2f}x",
              f"{row['theory']:.2f}x", f"{row['speedup'] / row['theory']:.2f}"]
             for row in realistic["latency"]]
