@@ -169,13 +169,19 @@ def test_structured_lowerings_equal_the_training_form(case, strategy):
         assert isinstance(folded.get_submodule("0"), DenseFoldedConv2d)
 
 
-def _timed_auto_fold(monkeypatch, layer_ms: dict, model_seconds: dict):
-    """fold(auto) with made-up timings: every layer times ``layer_ms``; the whole-model
-    variants take ``model_seconds`` (key -> seconds per call)."""
+def _timed_auto_fold(monkeypatch, layer_ms: dict | list, model_seconds: dict):
+    """fold(auto) with made-up timings: every layer times ``layer_ms`` (or the first layer
+    times ``layer_ms[0]``, the second ``layer_ms[1]``); the whole-model variants take
+    ``model_seconds`` (key -> seconds per call)."""
     from legofx.lowering import auto
 
-    monkeypatch.setattr(auto, "choose_fastest",
-                        lambda candidates, x, backend: (min(layer_ms, key=layer_ms.get), layer_ms))
+    per_layer = iter(layer_ms if isinstance(layer_ms, list) else [layer_ms] * 2)
+
+    def choose_fastest(candidates, x, backend):
+        times = next(per_layer)
+        return min(times, key=times.get), times
+
+    monkeypatch.setattr(auto, "choose_fastest", choose_fastest)
     monkeypatch.setattr(auto, "interleaved_times", lambda models, *args, rounds, warmup: {
         key: [model_seconds[key]] * rounds for key in models})
     net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).double()
@@ -211,3 +217,13 @@ def test_auto_tries_only_the_clear_per_layer_wins_as_well(monkeypatch):
     lowerings = _timed_auto_fold(monkeypatch, {"gather": 0.5, "dense": 1.0, "accumulate": 3.0,
                                                "merge-conv": 3.0}, {"per layer": 0.004, "dense": 0.005})
     assert all("clear wins" not in lowering for lowering in lowerings)  # equal to per layer
+
+
+def test_auto_tries_the_clear_wins_alone_when_they_differ(monkeypatch):
+    # first layer: gather at 0.5 of dense (a clear win); second: at 0.9 (not one)
+    times = [{"gather": 0.5, "dense": 1.0, "accumulate": 3.0, "merge-conv": 3.0},
+             {"gather": 0.9, "dense": 1.0, "accumulate": 3.0, "merge-conv": 3.0}]
+    first, second = _timed_auto_fold(monkeypatch, times, {"dense": 0.005, "per layer": 0.0045,
+                                                          "clear wins": 0.004})
+    assert "whole model: dense 5 ms, per layer 4.5 ms, clear wins 4 ms; kept clear wins]" in first
+    assert first.startswith("gather") and second.startswith("dense")

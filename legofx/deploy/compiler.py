@@ -64,15 +64,15 @@ def prepare_for_timing(backend: str):
     """How ``fold(strategy="auto", backend=backend)`` prepares each candidate layer.
 
     ``x`` is the layer's input, or the whole model's tuple of tensor inputs (the whole-model
-    check of ``"auto"``). For inductor the layer is first traced into a GraphModule of its own, so that dynamo
-    compiles every candidate separately, for static shapes, instead of reusing (or giving up
-    after) the compilations of other layers of the same class; ONNX Runtime sessions take turns.
+    check of ``"auto"``). For inductor the layer is first traced into a GraphModule of its own
+    (where it traces), so that dynamo compiles every candidate separately, for static shapes,
+    instead of reusing (or giving up after) the compilations of other layers of the same
+    class; ONNX Runtime sessions take turns.
     """
 
     def prepare(layer: nn.Module, x: Tensor | tuple[Tensor, ...]):
         if backend == "inductor":
-            graph = layer if isinstance(layer, fx.GraphModule) else _traced_or_itself(layer)
-            return compile(graph, x, backend, verify=False, dynamic=False)
+            return compile(_traced_or_itself(layer), x, backend, verify=False, dynamic=False)
         if backend == "onnxruntime":
             return compile(layer, x, backend, verify=False, session_config=TAKING_TURNS)
         return compile(layer, x, backend, verify=False)
@@ -81,6 +81,9 @@ def prepare_for_timing(backend: str):
 
 
 def _traced_or_itself(module: nn.Module) -> nn.Module:
+    """``module`` as a GraphModule where it is one or traces, else as it is."""
+    if isinstance(module, fx.GraphModule):
+        return module
     try:
         return fx.symbolic_trace(module)
     except Exception:  # noqa: BLE001 - a whole model need not trace; dynamo takes it as it is

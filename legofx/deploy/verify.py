@@ -90,8 +90,8 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, floa
     Differences in the subnormal range of ``expected``'s dtype (below ``finfo.tiny``, 1.2e-38
     for float32) count as zero: kernels differ in how they treat subnormals (some flush them to
     zero, others keep them, with fewer significant bits), so an output of random weights that
-    has decayed to ~1e-40 would otherwise be an error of order 1. Where ``expected`` is all zeros or subnormal, the
-    relative error is the absolute one. Empty tensors: (0, 0).
+    has decayed to ~1e-40 would otherwise be an error of order 1. Where ``expected`` is all
+    zeros or subnormal, the relative error is the absolute one. Empty tensors: (0, 0).
     """
     tiny = torch.finfo(expected.dtype).tiny if expected.is_floating_point() else 0.0
     expected = expected.detach().cpu().double()

@@ -84,8 +84,9 @@ def timing_key(layer: RewrittenLayer, example: Tensor, *settings) -> tuple:
 
 def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
           options: dict, backend: str = "eager", custom_ops: bool = False,
-          timed: dict | None = None) -> RewrittenLayer:
-    """The inference form of one training-form ``layer`` under ``strategy``.
+          timed: dict | None = None) -> tuple[RewrittenLayer, dict | None]:
+    """The inference form of one training-form ``layer`` under ``strategy``, and for
+    ``"auto"`` the median ms of each candidate (``None`` where nothing was timed).
 
     A named lowering the layer does not offer falls back to its default; ``"auto"`` without
     an example input for the layer (never called on ``example_inputs``) does too. ``timed``
@@ -96,20 +97,19 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
     offered = lowerings(layer)
     default = next(iter(offered.values()))
     if strategy != "auto":
-        return offered.get(strategy, default).build(layer, **options)
+        return offered.get(strategy, default).build(layer, **options), None
     if custom_ops and example is not None and example.dim() == 4:
         example = example.contiguous(memory_format=torch.channels_last)
     offered = {name: lowering for name, lowering in offered.items()
                if custom_ops or not lowering.by_name_only}
     if example is None or len(offered) == 1:
-        return default.build(layer, **options)
+        return default.build(layer, **options), None
     key = timing_key(layer, example, backend, custom_ops, tuple(sorted(options.items(), key=str)))
     if timed is not None and key in timed:
         medians, note = timed[key]
         chosen = offered[min(medians, key=medians.get)].build(layer, **options)
-        chosen.auto_medians = medians
         chosen.lowering = f"{chosen.lowering} [auto{note}, as timed for a layer of the same shape]"
-        return chosen
+        return chosen, medians
     candidates, dropped = {}, {}
     for name, lowering in offered.items():
         try:
@@ -120,14 +120,13 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
             dropped[name] = str(why).splitlines()[0]
     best, medians = choose_fastest(candidates, example, backend=backend)
     chosen = candidates[best]
-    chosen.auto_medians = medians  # read (and removed) by whole_model_variants
     timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in medians.items())
     timings += "".join(f"; {name} dropped: {why}" for name, why in dropped.items())
     where = "" if backend == "eager" else f" on {backend}"
     chosen.lowering = f"{chosen.lowering} [auto{where}: {timings}]"
     if timed is not None:
         timed[key] = (medians, f"{where}: {timings}")
-    return chosen
+    return chosen, medians
 
 
 @torch.no_grad()
@@ -152,25 +151,34 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], example_inputs:
 
 
 def whole_model_variants(layers: dict[str, RewrittenLayer], chosen: dict[str, RewrittenLayer],
-                         options: dict) -> dict[str, dict[str, RewrittenLayer]]:
+                         medians: dict[str, dict], options: dict) -> dict[str, dict[str, RewrittenLayer]]:
     """What ``"auto"`` compares on the whole model, each a lowering per layer name: ``dense``
     (every timed layer dense: the original's graph), ``per layer`` (each timed layer's fastest
     alone) and ``clear wins`` (those only where they took at most :data:`CLEAR_WIN` of the
     layer's dense time, dense elsewhere). Layers that were not timed keep their lowering.
+    ``medians``: name -> each candidate's median ms, for the timed layers (:func:`lower`).
     Variants equal to an earlier one are left out; ``{}`` when there is nothing to compare."""
-    medians = {name: layer.__dict__.pop("auto_medians", None) for name, layer in chosen.items()}
-    timed = {name: times for name, times in medians.items() if times and "dense" in times}
+    timed = {name: times for name, times in medians.items() if "dense" in times}
     fastest = {name: min(times, key=times.get) for name, times in timed.items()}
     per_layer = {name for name, best in fastest.items() if best != "dense"}
     wins = {name for name in per_layer if timed[name][fastest[name]] <= CLEAR_WIN * timed[name]["dense"]}
-    unique, seen = {}, []
+    unique: dict[str, set] = {}
     for key, kept in {"dense": set(), "per layer": per_layer, "clear wins": wins}.items():
-        if kept not in seen:
-            seen.append(kept)
-            unique[key] = {name: (lowerings(layers[name])["dense"].build(layers[name], **options)
-                                  if name in timed and name not in kept else copy.deepcopy(layer))
-                           for name, layer in chosen.items()}
-    return unique if len(unique) > 1 else {}
+        if kept not in unique.values():
+            unique[key] = kept
+    if len(unique) == 1:  # every timed layer was fastest dense alone
+        return {}
+    return {key: {name: (lowerings(layers[name])["dense"].build(layers[name], **options)
+                         if name in timed and name not in kept else copy.deepcopy(layer))
+                  for name, layer in chosen.items()}
+            for key, kept in unique.items()}
+
+
+def noted(layer: RewrittenLayer, timed: RewrittenLayer, note: str) -> None:
+    """Set ``layer``'s lowering to its own name with ``timed``'s per-layer ``[auto ...]``
+    timings and ``note`` (what the whole-model check measured and kept) inside the brackets."""
+    timings = timed.lowering.partition(" [auto")[2].removesuffix("]")
+    layer.lowering = f"{layer.lowering.partition(' [auto')[0]} [auto{timings}; {note}]"
 
 
 def choose_fastest_model(models: dict[str, nn.Module], example_inputs: tuple, backend: str,

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from legofx import passes
-from legofx.core.arguments import as_input_tuple, check_index_dtype, example_call
+from legofx.core.arguments import as_input_tuple, check_index_dtype
 from legofx.core.layer import RewrittenLayer
 from legofx.core.progress import progress
 from legofx.core.records import stored_records
@@ -27,7 +27,7 @@ from legofx.fx.rewrite import graph_modules
 from legofx.fx.tracing import copy_model, unshare
 from legofx.lowering import batchnorm  # noqa: F401  (registers its absorber)
 from legofx.lowering.auto import (check_backend, check_strategy, choose_fastest_model, layer_inputs,
-                                  lower, whole_model_variants)
+                                  lower, noted, whole_model_variants)
 from legofx.lowering.registry import ABSORBERS
 
 
@@ -80,33 +80,41 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
                 if _is_training_form(name, module)}
     check_strategy(strategy, training)
     options = {"index_dtype": index_dtype}
-    inputs = ({} if strategy != "auto"
-              else layer_inputs(gm, training, as_input_tuple(example_inputs)))
+    args = as_input_tuple(example_inputs) if strategy == "auto" else ()
+    inputs = layer_inputs(gm, training, args) if strategy == "auto" else {}
     timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
              if strategy == "auto" and backend != "eager" else training.items())
     memo: dict = {}
-    folded = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops, memo)
-              for name, module in timed}
-    variants = whole_model_variants(training, folded, options) if strategy == "auto" else {}
-    calls = example_call(example_inputs, None)
-    if variants and (backend == "eager" or all(isinstance(a, torch.Tensor) for a in calls[0])):
-        models = {key: _assembled(copy_model(gm, shared=_training_tensors(gm)), layers, fuse_batchnorm)
-                  for key, layers in variants.items()}
-        try:
-            best, medians = choose_fastest_model(models, calls[0], backend)
-            note = "whole model: " + ", ".join(f"{key} {ms:.3g} ms" for key, ms in medians.items())
-        except Exception as why:  # noqa: BLE001 - e.g. the whole model does not export
-            best, note = "per layer", f"whole model not timed ({type(why).__name__}: {why}"[:200] + ")"
-        for name, layer in variants[best].items():
-            timings = folded[name].lowering.rpartition(" [auto")[2]
-            if timings != folded[name].lowering:
-                layer.lowering = (f"{layer.lowering.split(' [auto')[0]} [auto{timings[:-1]}; "
-                                  f"{note}; kept {best}]")
-        gm = models[best]
+    lowered = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops, memo)
+               for name, module in timed}
+    folded = {name: layer for name, (layer, _) in lowered.items()}
+    medians = {name: times for name, (_, times) in lowered.items() if times}
+    variants = whole_model_variants(training, folded, medians, options)
+    if variants and (backend == "eager" or all(isinstance(a, torch.Tensor) for a in args)):
+        gm = _fastest_assembly(gm, variants, folded, args, backend, fuse_batchnorm)
     else:
         gm = _assembled(gm, folded, fuse_batchnorm)
     unshare(gm, original)
     return gm
+
+
+def _fastest_assembly(gm: nn.Module, variants: dict[str, dict[str, nn.Module]],
+                      folded: dict[str, nn.Module], args: tuple, backend: str,
+                      fuse_batchnorm: bool) -> nn.Module:
+    """A copy of ``gm`` assembled with each of ``variants`` (:func:`whole_model_variants`), the
+    fastest on ``backend`` kept; its timed layers' lowerings say what the whole model took.
+    Where the whole model cannot be timed there (it does not export...), the per-layer choice."""
+    models = {key: _assembled(copy_model(gm, shared=_training_tensors(gm)), layers, fuse_batchnorm)
+              for key, layers in variants.items()}
+    try:
+        best, medians = choose_fastest_model(models, args, backend)
+        note = "whole model: " + ", ".join(f"{key} {ms:.3g} ms" for key, ms in medians.items())
+    except Exception as why:  # noqa: BLE001 - e.g. the whole model does not export
+        best, note = "per layer", f"whole model not timed ({type(why).__name__}: {why}"[:200] + ")"
+    for name, layer in variants[best].items():
+        if " [auto" in folded[name].lowering:  # timed, not a layer the example never reached
+            noted(layer, folded[name], f"{note}; kept {best}")
+    return models[best]
 
 
 def _assembled(gm: nn.Module, folded: dict[str, nn.Module], fuse_batchnorm: bool) -> nn.Module:
