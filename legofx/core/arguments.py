@@ -122,27 +122,36 @@ def as_input_tuple(example_inputs, tensors_only: bool = False) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
+def as_args(example_inputs, allow_empty: bool = False) -> tuple:
+    """``example_inputs`` as the positional arguments: a tensor, or a tuple / list of them (any
+    structure inside); an empty one only with ``allow_empty``."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and (example_inputs or allow_empty):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a {'' if allow_empty else 'non-empty '}"
+                    "tuple of the model's positional arguments (tensors, or tuples, lists, dicts "
+                    f"of tensors), got example_inputs={example_inputs!r:.80} "
+                    f"({type(example_inputs).__name__})")
+
+
+def as_kwargs(example_kwargs) -> dict:
+    """``example_kwargs`` (``None`` or a dict of keyword arguments) as a dict."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise TypeError("example_kwargs must be a dict of the model's keyword arguments, got "
+                        f"example_kwargs={example_kwargs!r:.80} ({type(example_kwargs).__name__})")
+    return dict(example_kwargs)
+
+
 def example_call(example_inputs, example_kwargs) -> tuple[tuple, dict] | None:
-    """``(args, kwargs)`` of an example call, or ``None`` when neither is given:
-    ``example_inputs`` is a tensor or a tuple / list of the model's positional arguments,
-    ``example_kwargs`` a dict of keyword arguments."""
+    """``(args, kwargs)`` of an example call (:func:`as_args`, :func:`as_kwargs`), or ``None``
+    when neither is given; keywords alone are a call without positional arguments."""
     if example_inputs is None and example_kwargs is None:
         return None
-    if example_kwargs is not None and not (isinstance(example_kwargs, dict)
-                                           and all(isinstance(k, str) for k in example_kwargs)):
-        raise TypeError(f"example_kwargs must be a dict of keyword arguments, got "
-                        f"example_kwargs={example_kwargs!r:.80}")
-    if example_inputs is None:
-        args = ()
-    elif isinstance(example_inputs, torch.Tensor):
-        args = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
-        raise TypeError(f"example_inputs must be a tensor or a tuple of the model's positional "
-                        f"arguments, got example_inputs={example_inputs!r:.80} "
-                        f"({type(example_inputs).__name__})")
-    return args, dict(example_kwargs or {})
+    kwargs = as_kwargs(example_kwargs)
+    return () if example_inputs is None else as_args(example_inputs, allow_empty=True), kwargs
 
 
 def nested_tensors(value) -> list[torch.Tensor]:

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from legofx.core.arguments import as_args, as_kwargs
 from legofx.deploy.onnx_runtime import OPSET, OnnxRuntimeModule, save_onnx
 from legofx.deploy.op_check import OpReport, UnsupportedOpsError, check_program
 from legofx.deploy.quantize import MIN_COSINE, check_quantize_arguments, write_int8
-from legofx.deploy.structure import (as_args, as_kwargs, check_leaves, flat_tensors, output_names,
+from legofx.deploy.structure import (check_leaves, flat_tensors, output_names,
                                      register_dataclasses)
 from legofx.deploy.verify import (MismatchError, model_dtype, require_inference_form,
                                   require_standard_ops, check_outputs)
@@ -72,6 +73,12 @@ def _dynamic_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.dim() >= 2]
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Dimension 0 of the first batched tensor (:func:`_dynamic_tensors`), ``None`` if none."""
+    found = _dynamic_tensors(args, kwargs)
+    return found[0].shape[0] if found else None
+
+
 def _doubled(args: tuple, kwargs: dict, only_ones: bool = False) -> tuple[tuple, dict]:
     """The inputs at twice the batch (``only_ones``: only where the batch is 1)."""
     dynamic = {id(t) for t in _dynamic_tensors(args, kwargs)}
@@ -110,7 +117,7 @@ def _program(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool | 
         if dynamic_batch:
             raise ValueError(f"torch.export could not make the batch dynamic ({type(err).__name__}: "
                              f"{err});\nexport with a fixed batch (dynamic_batch=False: the "
-                             f"example batch {_dynamic_tensors(args, kwargs)[0].shape[0]} only)"
+                             f"example batch {_batch_size(args, kwargs)} only)"
                              ) from err
         program = export_program(model, args, False, kwargs)  # its own error if it fails too
         warnings.warn(f"torch.export could not make the batch dynamic ({str(err).splitlines()[0]}"
@@ -142,7 +149,8 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
 
     Dimension 0 of every tensor argument (not nested, 2-D or more) is the batch: dynamic with
     ``dynamic_batch=True``, fixed with ``False``; ``None`` (default): dynamic if
-    ``torch.export`` can, otherwise fixed with a warning. A dynamic file is checked at the example batch and at twice it.
+    ``torch.export`` can, otherwise fixed with a warning. A dynamic file is checked at the
+    example batch and at twice it.
     ``check="tensorrt"`` first runs the Torch-TensorRT op check: a node of legofx's own layers
     without a converter raises :class:`UnsupportedOpsError`; nodes of the rest of the model
     without one are listed in a warning (Torch-TensorRT runs them in PyTorch); ``None`` skips.
@@ -200,14 +208,14 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
         error, absolute, tolerance = check_outputs(deployed, model, batches, dtype, path.name)
         cosine = int8_error = None
         if calibrating is not None:
-            if not dynamic and any(_dynamic_tensors(b, {})[0].shape[0] != _dynamic_tensors(args, {})[0].shape[0]
-                                   for b in calibrating if _dynamic_tensors(b, {})):
+            if not dynamic and any(_batch_size(batch, {}) not in (None, _batch_size(args, {}))
+                                   for batch in calibrating):
                 raise ValueError("the file's batch is fixed (see the warning above): give "
                                  "calibration batches of the example's batch size")
             cosine, int8_error = write_int8(staged, model, program, calibrating, kwargs,
                                             batches[:1], min_cosine)
         size = staged.stat().st_size
-    sizes = tuple(found[0].shape[0] for found in (_dynamic_tensors(*b) for b in batches) if found)
+    sizes = tuple(size for size in (_batch_size(*b) for b in batches) if size is not None)
     return ExportResult(path, kind, dtype, error, absolute, tolerance, sizes, ops, dynamic, size,
                         quantize, cosine, int8_error)
 

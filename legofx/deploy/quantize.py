@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
+from legofx.core.arguments import as_args
 from legofx.deploy.onnx_runtime import OnnxRuntimeModule, numpy_input
-from legofx.deploy.structure import as_args, flat_tensors, tensor_leaves
+from legofx.deploy.structure import flat_tensors, tensor_leaves
 from legofx.deploy.verify import MismatchError, max_error
 
 QUANTIZE = ("int8",)

@@ -108,24 +108,3 @@ def flat_tensors(args: tuple, kwargs: dict, program: torch.export.ExportedProgra
     inputs."""
     return [leaf for leaf in pytree.tree_leaves((args, ordered_kwargs(kwargs, program)))
             if isinstance(leaf, torch.Tensor)]
-
-
-def as_args(example_inputs) -> tuple:
-    """``example_inputs`` as the positional arguments: a tensor, or a tuple / list of them
-    (any structure inside)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a non-empty tuple of the model's "
-                    "positional arguments (tensors, or tuples, lists, dicts of tensors), got "
-                    f"example_inputs={example_inputs!r:.80} ({type(example_inputs).__name__})")
-
-
-def as_kwargs(example_kwargs) -> dict:
-    if example_kwargs is None:
-        return {}
-    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
-        raise TypeError("example_kwargs must be a dict of the model's keyword arguments, got "
-                        f"example_kwargs={example_kwargs!r:.80} ({type(example_kwargs).__name__})")
-    return dict(example_kwargs)
