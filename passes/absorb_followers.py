@@ -20,7 +20,9 @@ def absorb_followers(gm: fx.GraphModule,
     other calls). ``absorb(a_name, a_module, b_name, b)`` decides (``b``: ``B``'s module, or
     its function, named by the node), and when it returns True it has changed ``a_module`` in
     place to compute ``B(A(x))``; ``B``'s node then goes and its users take ``A``'s output.
-    ``B``'s module is deleted from ``gm`` once no node calls it or reads its attributes.
+    ``B``'s module is replaced by ``nn.Identity`` in ``gm`` once no node calls it or reads its
+    attributes (its parameters leave the state_dict; eager code that still calls it, such as a
+    traced module's source ``forward``, then computes ``A`` once, with ``B`` inside).
     Returns the ``(a_name, b_name)`` pairs folded, in graph order.
     """
     calls: dict[str, int] = {}
@@ -43,7 +45,7 @@ def absorb_followers(gm: fx.GraphModule,
         if is_module:
             calls[node.target] -= 1
             if not _referenced(gm, node.target):
-                gm.delete_submodule(node.target)
+                gm.set_submodule(node.target, nn.Identity())
         folded.append((first.target, b_name))
     if folded:
         gm.recompile()

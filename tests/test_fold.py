@@ -78,17 +78,6 @@ def test_fold_keeps_the_training_flag_and_works_without_rewrites():
     assert torch.equal(untouched(x), folded(x))
 
 
-def test_pickled_model_gets_a_clear_error():
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(transformed(), buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    with pytest.raises(ValueError, match="lost its records.*load_state_dict"):
-        legofx.fold(loaded)
-
-
 @pytest.mark.parametrize("strategy", ["dense", "merge-conv", "gather"])
 def test_a_folded_model_is_not_lowered_again_silently(strategy):
     folded = legofx.fold(transformed().eval())

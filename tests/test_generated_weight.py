@@ -33,8 +33,8 @@ def test_generated_weight_keeps_the_module_code():
     assert isinstance(layer, StandardizedConv)
     assert "weight" not in dict(layer.named_parameters(recurse=False))
     assert sorted(k for k in gm.state_dict() if k.startswith("0.")) == [
-        "0.bias", "0.gain", "0.generator.coef", "0.generator.frozen",
-        "0.generator.frozen_index", "0.generator.lego", "0.generator.proxy"]
+        "0.bias", "0.gain", "0.generator.coef", "0.generator.frozen_selection",
+        "0.generator.lego", "0.generator.proxy"]
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     reference = StandardizedConv(4, 8, 3, stride=2).double()
     reference.load_state_dict({"weight": layer.generator.reconstruct_weight(),

@@ -95,4 +95,4 @@ def test_conv_called_twice_is_rewritten_once_and_shares_parameters():
     reads = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     assert reads.count("conv.lego") == 2
     assert sorted(k for k, _ in gm.named_parameters()) == ["conv.bias", "conv.coef", "conv.lego", "conv.proxy"]
-    assert sorted(k for k, _ in gm.named_buffers()) == ["conv.frozen", "conv.frozen_index"]
+    assert sorted(k for k, _ in gm.named_buffers()) == ["conv.frozen_selection"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 
 from legofx.core.geometry import GEOMETRY
@@ -23,6 +24,40 @@ def conv_extra_repr(layer: nn.Module, settings: str = "") -> str:
             f"{middle}stride={layer.stride}, padding={layer.padding!r}, "
             f"dilation={layer.dilation}, padding_mode={layer.padding_mode!r}, "
             f"bias={layer.bias is not None}")
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a sharded ``DTensor`` (FSDP2's parameters between steps) gathered."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def assigned_weight(layer: nn.Module, value, shape: tuple[int, ...]) -> Tensor:
+    """``value`` as the detached dense weight assigned to ``layer`` (checked against ``shape``)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(layer).__name__}.weight must be assigned a tensor of shape "
+                        f"{shape}, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{type(layer).__name__}.weight must be assigned a tensor of shape "
+                         f"{tuple(shape)}, got {tuple(value.shape)}")
+    return value.detach()
+
+
+def check_representable(layer: nn.Module, weight: Tensor, rebuilt: Tensor, what: str) -> None:
+    """Refuse an assigned ``weight`` that ``rebuilt`` (its projection onto ``layer``'s own
+    structure) misses by more than rounding: largest difference above ``64 * eps`` of the
+    weight's dtype times its largest entry."""
+    scale = weight.abs().max().item() if weight.numel() else 0.0
+    error = (rebuilt.to(weight.dtype) - weight).abs().max().item() if weight.numel() else 0.0
+    allowed = 64 * torch.finfo(weight.dtype).eps * scale if weight.is_floating_point() else 0.0
+    if error > allowed:
+        raise ValueError(
+            f"{type(layer).__name__}({layer.extra_repr()}): the assigned weight is not one this "
+            f"layer can hold: {what}, it differs by up to {error:.3g} (at most {allowed:.3g} "
+            f"allowed, relative {error / scale if scale else float('inf'):.3g}). Assigning a "
+            "weight keeps the layer's structure and fits its other factors (exact for conv+"
+            "BatchNorm fusion, which scales each output filter); for any other dense weight, "
+            "fold(model, strategy='dense') first, or transform the new weights with "
+            "init='weights'")
 
 
 def _no_stage(role: str) -> nullcontext:
@@ -47,6 +82,24 @@ class RewrittenLayer(nn.Module):
     standard_ops = True  # False: computes with a legofx custom op (no ONNX / TensorRT)
     per_output: str | None = None  # folded forms: the tensor (dim 0 = output channel) the
     # output is linear in, besides the bias; fold(fuse_batchnorm=True) scales its rows
+
+    def __setattr__(self, name: str, value) -> None:
+        """Assignments that code written for ``nn.Conv2d`` makes (``fuse_conv_bn_eval``,
+        ultralytics' ``fuse_conv_and_bn``), where ``nn.Module`` would raise ``KeyError``:
+        ``layer.weight = w`` on a layer whose ``weight`` is computed (a property) calls
+        ``assign_weight(w)``, which fits the layer's own factors to ``w`` or refuses it; a
+        ``Parameter`` assigned to a ``bias`` that was ``None`` becomes the bias parameter."""
+        if name == "weight" and isinstance(getattr(type(self), "weight", None), property):
+            with torch.no_grad():
+                self.assign_weight(value)
+            return
+        if (name == "bias" and isinstance(value, nn.Parameter) and "bias" in self.__dict__
+                and self.__dict__["bias"] is None):
+            del self.__dict__["bias"]
+        super().__setattr__(name, value)
+
+    def assign_weight(self, value: Tensor) -> None:
+        raise AttributeError(f"{type(self).__name__}.weight cannot be assigned")
 
     def compute(self, x: Tensor, attr, stage) -> Tensor:
         raise NotImplementedError

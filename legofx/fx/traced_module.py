@@ -9,12 +9,31 @@ working. A :class:`TracedModule` runs its graph as ``forward`` but is an instanc
 children, parameters and buffers (the same objects, the same dicts) and takes its plain
 attributes, so state_dict keys, containers, methods and every child's attributes are the
 source's. Attributes it still lacks are looked up on the source.
+
+Two things a graph alone would lose are kept:
+
+- **Hooks.** The graph computes the modules it inlined without calling them, so a hook
+  registered on one of them after tracing (Grad-CAM on ``layer4``, a feature extractor on a
+  rewritten conv, FSDP2's ``fully_shard`` of a block) would never fire. While any module the
+  graph inlined has a hook (or a global module hook is registered), the traced module runs its
+  source class's own ``forward`` over the same tree instead, which calls every module, so every
+  hook fires; the graph runs again once they are removed. Both compute the same function (the
+  rewritten layers compute the same math eagerly); the check is one pass over the inlined
+  modules' hook dictionaries per call.
+- **Pickling.** ``torch.save(model)`` / ``torch.load`` (and ``pickle``) rebuild the same
+  ``Traced<Name>`` class over the same tree, graph and attributes; ``GraphModule``'s own
+  pickling would re-trace its generated code as a plain ``GraphModule`` (losing the class,
+  duplicating state_dict keys, baking buffers into constants).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 SOURCE = "_legofx_source"
 _CLASSES: dict[type, type] = {}
@@ -39,6 +58,47 @@ def _graft(traced: fx.GraphModule, source: nn.Module) -> None:
 
 def _is_hooks(key: str, value) -> bool:
     return key.startswith("_") and "hooks" in key and isinstance(value, dict)
+
+
+_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(getattr(_module_globals, f"_global{store}") for store in _HOOK_STORES)
+INLINED = "_legofx_inlined"
+_COMPILED = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", SOURCE, INLINED})
+
+
+def _inlined_modules(traced: fx.GraphModule) -> tuple[nn.Module, ...]:
+    """The modules below ``traced`` that its graph computes without calling them: all but the
+    ``call_module`` targets and what lies below those (they run, and fire hooks, themselves)."""
+    called = tuple(node.target + "." for node in traced.graph.nodes if node.op == "call_module")
+    return tuple(module for name, module in traced.named_modules()
+                 if name and not (name + ".").startswith(called))
+
+
+def hooks_inside(traced: fx.GraphModule) -> bool:
+    """Whether a hook would be lost if ``traced`` ran its graph: a global module hook, or a hook
+    on a module its graph inlined."""
+    if any(_GLOBAL_HOOKS):
+        return True
+    for module in traced.__dict__.get(INLINED, ()):
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
+            return True
+    return False
+
+
+def _dispatching(graph_forward):
+    """``forward`` of a traced module: ``graph_forward``, or the source's eager ``forward``
+    while hooks need the modules to be called (see the module docstring). It has the graph's
+    signature (``inspect.signature``, which ``torch.export`` reads, follows ``__wrapped__``)."""
+    @functools.wraps(graph_forward)
+    def forward(self, *args, **kwargs):
+        if hooks_inside(self):
+            source = self.__dict__[SOURCE]
+            if isinstance(self, type(source)):
+                return type(source).forward(self, *args, **kwargs)
+            return source.forward(*args, **kwargs)
+        return graph_forward(self, *args, **kwargs)
+    return forward
 
 
 def _adopt(traced: fx.GraphModule, plain: fx.GraphModule, source: nn.Module) -> None:
@@ -70,6 +130,28 @@ class TracedModule(fx.GraphModule):
                 raise
             return getattr(source, name)
 
+    def recompile(self):
+        """Compile the graph; ``forward`` dispatches (graph or eager)."""
+        code = super().recompile()
+        cls = type(self)
+        cls.forward = _dispatching(cls.forward)
+        if SOURCE in self.__dict__:
+            self.__dict__[INLINED] = _inlined_modules(self)
+        return code
+
+    def __reduce_ex__(self, protocol):
+        """Pickle as its source's class, tree, graph and attributes (see the module docstring)."""
+        state = {key: value for key, value in self.__dict__.items() if key not in _COMPILED}
+        graph = copy.deepcopy(self.graph)  # a graph without its owning module
+        return (_new_traced, (type(self.__dict__[SOURCE]),),
+                {"source": self.__dict__[SOURCE], "graph": graph, "state": state})
+
+    def __setstate__(self, saved: dict) -> None:
+        source = saved["source"]
+        _adopt(self, fx.GraphModule(source, saved["graph"], type(source).__name__), source)
+        self.__dict__.update(saved["state"])
+        self.__dict__[INLINED] = _inlined_modules(self)
+
     def train(self, mode: bool = True):
         super().train(mode)
         source = self.__dict__.get(SOURCE)
@@ -91,6 +173,12 @@ def traced_class(source_type: type) -> type:
                 kind = TracedModule
         _CLASSES[source_type] = kind
     return _CLASSES[source_type]
+
+
+def _new_traced(source_type: type) -> TracedModule:
+    """An empty traced module of ``source_type``'s ``Traced<Name>`` class (for unpickling)."""
+    kind = traced_class(source_type)
+    return kind.__new__(kind)
 
 
 def traced_module(source: nn.Module, graph: fx.Graph) -> TracedModule:

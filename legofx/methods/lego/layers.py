@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from legofx.core.arguments import check_index_dtype
 from legofx.core.geometry import conv_geometry, padded
-from legofx.core.layer import ConvLayer, conv_extra_repr, parameter_copy
+from legofx.core.layer import (ConvLayer, assigned_weight, check_representable, conv_extra_repr,
+                               full_tensor, parameter_copy)
 from legofx.lowering.dense import dense_lowering
 from legofx.lowering.registry import register_lowering
 
@@ -55,17 +56,23 @@ def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict,
     return convolve_batch(frags, lego, conv).unflatten(0, batch + (o,)).flatten(-4, -3)
 
 
-def selection_onehot(proxy: Tensor, m: int, frozen: Tensor, frozen_index: Tensor) -> Tensor:
-    """The training form's ``M``: straight-through one-hot of ``argmax proxy``; once
-    ``frozen`` (a 0-dim bool), the one-hot of ``frozen_index`` with a zero gradient to ``proxy``.
+def selection_onehot(proxy: Tensor, m: int, frozen_selection: Tensor) -> Tensor:
+    """The training form's ``M``: straight-through one-hot of ``argmax proxy``; where a
+    (output channel, fragment) pair is frozen (``frozen_selection``, ``(n, o, m)``, is positive
+    somewhere along ``m``), the one-hot of its largest entry, with a zero gradient to ``proxy``.
 
     Freezing is data, not control flow: the traced graph stays the same, the proxies keep
     taking part (with zero gradients, as ``DistributedDataParallel`` expects), and momentum or
-    weight decay that still move them cannot change a frozen selection.
+    weight decay that still move them cannot change a frozen selection. ``frozen_selection`` is
+    a floating-point buffer so that a weight average of the model (ultralytics' ``ModelEMA``,
+    timm's ``ModelEmaV3``, which average only floating tensors) holds ``d * 0 + (1 - d) *
+    onehot`` after its first update: positive at the same entry, so the average selects what
+    the model does.
     """
-    index = torch.where(frozen, frozen_index, proxy.argmax(-1))
+    fixed = frozen_selection.amax(-1) > 0
+    index = torch.where(fixed, frozen_selection.argmax(-1), proxy.argmax(-1))
     hard = F.one_hot(index, m).type_as(proxy)
-    return hard + (proxy - proxy.detach()) * frozen.logical_not().type_as(proxy)
+    return hard + (proxy - proxy.detach()) * fixed.logical_not().unsqueeze(-1).type_as(proxy)
 
 
 def merge_selected(maps: Tensor, select: Tensor, coef: Tensor, bias: Tensor | None,
@@ -139,6 +146,21 @@ class LegoLayer(ConvLayer):
     def extra_repr(self) -> str:
         return conv_extra_repr(self, f"o={self.o}, m={self.m}")
 
+    def assign_weight(self, value: Tensor) -> None:
+        """``layer.weight = w``: the coefficients fitted to ``w`` with the Lego filters and the
+        selection kept (least squares per fragment, in float64). Exact for a weight whose
+        filters are this layer's scaled per output channel (conv+BatchNorm fusion); any other
+        weight is refused (:func:`~legofx.core.layer.check_representable`)."""
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        weight = assigned_weight(self, value, (n, c, kh, kw))
+        picked = full_tensor(self.lego.detach())[self.selection()].double().flatten(2)
+        target = weight.double().reshape(n, self.o, -1)
+        norms = (picked * picked).sum(-1)
+        coef = (target * picked).sum(-1) / torch.where(norms > 0, norms, torch.ones_like(norms))
+        check_representable(self, weight, (coef.unsqueeze(-1) * picked).reshape(weight.shape),
+                            "with its Lego filters and selection kept and its coefficients fitted")
+        self.coef.copy_(coef.to(self.coef.dtype))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         """A checkpoint made with another ``o`` / ``m`` is refused with both settings named,
@@ -177,9 +199,7 @@ class LegoConv2d(LegoLayer):
             self.register_buffer("coef", torch.empty(n, o, **like))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self.init_error: float | None = None  # set by init="weights"
-        self.register_buffer("frozen", torch.tensor(False, device=like["device"]))
-        self.register_buffer("frozen_index", torch.zeros(n, o, dtype=torch.int64,
-                                                         device=like["device"]))
+        self.register_buffer("frozen_selection", torch.zeros(n, o, m, **like))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -203,28 +223,44 @@ class LegoConv2d(LegoLayer):
     def compute(self, x, attr, stage):
         maps = self._maps(x, attr, stage)
         with stage("select"):
-            select = selection_onehot(attr("proxy"), self.m, attr("frozen"), attr("frozen_index"))
+            select = selection_onehot(attr("proxy"), self.m, attr("frozen_selection"))
         with stage("merge"):
             return merge_selected(maps, select, attr("coef"), attr("bias"), self.out_channels)
 
     def selection(self) -> Tensor:
         """``k(j, i)``: the Lego filter each (output channel, fragment) uses, ``(n, o)`` int64."""
-        return self.frozen_index.clone() if self.frozen else self.proxy.detach().argmax(-1)
+        frozen = full_tensor(self.frozen_selection)
+        proxy = full_tensor(self.proxy.detach())
+        return torch.where(frozen.amax(-1) > 0, frozen.argmax(-1), proxy.argmax(-1))
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the selection is fixed (:func:`legofx.freeze_selection`)."""
+        return bool((full_tensor(self.frozen_selection).amax(-1) > 0).all())
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the selection (see :func:`selection_onehot`)."""
-        self.frozen_index.copy_(self.selection())
-        self.frozen.fill_(True)
+        onehot = F.one_hot(self.selection(), self.m).to(self.frozen_selection.dtype)
+        self.frozen_selection.copy_(onehot.to(self.frozen_selection.device))
 
     @torch.no_grad()
     def unfreeze(self) -> None:
-        self.frozen.fill_(False)
+        self.frozen_selection.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Checkpoints of legofx before 0.2 kept the frozen selection as ``frozen`` (bool) and
+        ``frozen_index`` (int64): read as ``frozen_selection``."""
+        frozen, index = prefix + "frozen", prefix + "frozen_index"
+        if frozen in state_dict and index in state_dict and prefix + "frozen_selection" not in state_dict:
+            onehot = F.one_hot(state_dict.pop(index).long(), self.m).to(self.frozen_selection.dtype)
+            state_dict[prefix + "frozen_selection"] = onehot * state_dict.pop(frozen).to(onehot.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def weight(self) -> Tensor:
         """The dense weight with the straight-through selection, so ``proxy`` gets gradients."""
-        onehot = selection_onehot(self.proxy, self.m, self.frozen, self.frozen_index)
+        onehot = selection_onehot(self.proxy, self.m, self.frozen_selection)
         return torch.einsum("jik,kchw,ji->jichw", onehot, self.lego, self.coef).flatten(1, 2)
 
     def folded(self) -> FoldedLegoConv2d:

@@ -44,7 +44,7 @@ def usage(layer: LegoConv2d) -> Tensor:
     """How many (output channel, fragment) pairs use each Lego filter, ``(m,)``,
     differentiable: through the straight-through ``M``, each count's gradient reaches the
     proxies of every pair."""
-    onehot = selection_onehot(layer.proxy, layer.m, layer.frozen, layer.frozen_index)
+    onehot = selection_onehot(layer.proxy, layer.m, layer.frozen_selection)
     return onehot.sum((0, 1))
 
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from legofx.core.geometry import conv_geometry, padded
-from legofx.core.layer import ConvLayer, RewrittenLayer, conv_extra_repr, parameter_copy
+from legofx.core.layer import (ConvLayer, RewrittenLayer, assigned_weight, check_representable,
+                               conv_extra_repr, parameter_copy)
 from legofx.lowering.dense import dense_lowering
 from legofx.lowering.registry import register_lowering
 
@@ -136,6 +137,17 @@ def sum_pool(x: Tensor, channels: int, window: tuple[int, int, int],
     return x
 
 
+def assign_structured(layer: RewrittenLayer, weight: Tensor, window: tuple[int, ...],
+                      under: tuple[int, ...]) -> None:
+    """Set ``layer.alpha`` to the least-squares ``A^+ weight``; a weight outside the structured
+    subspace (more than rounding away) is refused. Conv+BatchNorm fusion scales each output
+    filter, which stays in the subspace: exact."""
+    alpha, _ = project(weight.double(), under)
+    check_representable(layer, weight, compose_weight(alpha, window, under),
+                        "projected onto its structured subspace")
+    layer.alpha.copy_(alpha.to(layer.alpha.dtype))
+
+
 class _StructuredConv(ConvLayer):
     """What both forms share: sizes, conv hyper-parameters, counts."""
 
@@ -180,6 +192,11 @@ class _StructuredConv(ConvLayer):
     def weight(self) -> Tensor:
         """The dense ``(out, C, kh, kw)`` weight ``A alpha``, differentiable."""
         return compose_weight(self.alpha, self.window, self.under)
+
+    def assign_weight(self, value: Tensor) -> None:
+        """``layer.weight = w``: ``alpha`` projected from ``w``; see :func:`assign_structured`."""
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        assign_structured(self, assigned_weight(self, value, shape), self.window, self.under)
 
     def extra_repr(self) -> str:
         return conv_extra_repr(self, f"under=({self.c}, {self.nh}, {self.nw})")
@@ -276,6 +293,11 @@ class _StructuredLinear(RewrittenLayer):
     @property
     def weight(self) -> Tensor:
         return compose_weight(self.alpha, (self.in_features - self.f + 1,), (self.f,))
+
+    def assign_weight(self, value: Tensor) -> None:
+        """``layer.weight = w``: ``alpha`` projected from ``w``; see :func:`assign_structured`."""
+        weight = assigned_weight(self, value, (self.out_features, self.in_features))
+        assign_structured(self, weight, (self.in_features - self.f + 1,), (self.f,))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
