@@ -45,7 +45,7 @@ def absorb_followers(gm: fx.GraphModule,
         if is_module:
             calls[node.target] -= 1
             if not _referenced(gm, node.target):
-                gm.set_submodule(node.target, nn.Identity())
+                gm.set_submodule(node.target, nn.Identity().train(b.training))
         folded.append((first.target, b_name))
     if folded:
         gm.recompile()

@@ -60,8 +60,7 @@ def test_selection_is_exactly_one_hot_in_forward(scale):
     """``hard + (proxy - proxy.detach())`` must equal the one-hot bit for bit, whatever the
     proxy's scale (``hard - proxy.detach() + proxy`` would not)."""
     proxy = torch.randn(16, 3, 5, generator=torch.Generator().manual_seed(0)) * scale
-    frozen, index = torch.tensor(False), torch.zeros(16, 3, dtype=torch.long)
-    onehot = selection_onehot(proxy.requires_grad_(), 5, frozen, index)
+    onehot = selection_onehot(proxy.requires_grad_(), 5, torch.zeros(16, 3, 5))
     assert torch.equal(onehot, F.one_hot(proxy.argmax(-1), 5).float())
 
 
