@@ -152,13 +152,15 @@ def hooked_resnet(train: bool):
 
 def test_forward_hooks_fire_under_torch_compile_inductor():
     """Inductor, eval mode: both forward hooks fire in the compiled model, and its output and
-    what the hooks see equal eager's to float32 rounding (TOL32; measured ~2e-7)."""
+    what the hooks see equal eager's to float32 rounding (TOL32; measured largest differences
+    1.2e-8 on the output, 4.8e-7 on the conv's). ``fullgraph=True``: the hooks are captured in
+    the one graph, no graph break."""
     model, seen = hooked_resnet(train=False)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         eager = model(x)
         assert [len(seen["layer4"]), len(seen["conv1"])] == [1, 1]
-        compiled = torch.compile(model)(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
     assert [len(seen["layer4"]), len(seen["conv1"])] == [2, 2]
     assert relative_error(compiled, eager) <= TOL32
     for name in ("layer4", "conv1"):
@@ -170,7 +172,8 @@ def test_full_backward_hook_fires_under_torch_compile():
     ``layer4`` fire in the compiled model with eager's values. The backend is ``aot_eager``
     (dynamo captures the hooks and the joint graph as for inductor; inductor's code generation
     for this backward took 189 s on the 2-core machine, too long for the suite); measured:
-    bitwise equal, asserted to TOL32."""
+    bitwise equal, asserted to TOL32. A full backward hook splits dynamo's capture into 3 graphs
+    ("Module-level backwards hooks require compiled autograd"), as for the original ResNet-18."""
     model, seen = hooked_resnet(train=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     model(x).sum().backward()
