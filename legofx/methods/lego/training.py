@@ -78,7 +78,8 @@ def freeze_selection(model: nn.Module) -> int:
     or weight decay that still move the proxies cannot change it; ``fold`` uses it. Lego
     filters, coefficients and everything else keep training. Under DDP, call it on every
     rank at the same step (DDP also broadcasts rank 0's buffers at each forward, so calling it
-    on rank 0 alone takes effect everywhere at the next step).
+    on rank 0 alone takes effect everywhere at the next step). Under FSDP2 it gathers the
+    sharded proxies (a collective): call it on every rank at the same step.
     """
     layers = _require_layers(model)
     for layer in layers:
