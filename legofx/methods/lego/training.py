@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from legofx.core.layer import full_tensor
 from legofx.core.modes import kept_modes
 from legofx.methods.lego.layers import LegoConv2d, selection_onehot
 
@@ -43,8 +44,11 @@ def _require_layers(model: nn.Module) -> list[LegoConv2d]:
 def usage(layer: LegoConv2d) -> Tensor:
     """How many (output channel, fragment) pairs use each Lego filter, ``(m,)``,
     differentiable: through the straight-through ``M``, each count's gradient reaches the
-    proxies of every pair."""
-    onehot = selection_onehot(layer.proxy, layer.m, layer.frozen_selection)
+    proxies of every pair. Sharded proxies (FSDP2's ``DTensor`` parameters between forwards)
+    are gathered whole, differentiably (a collective: call it on every rank); each rank's
+    shard then gets its part of the gradient."""
+    onehot = selection_onehot(full_tensor(layer.proxy), layer.m,
+                              full_tensor(layer.frozen_selection))
     return onehot.sum((0, 1))
 
 
@@ -74,7 +78,8 @@ def freeze_selection(model: nn.Module) -> int:
     or weight decay that still move the proxies cannot change it; ``fold`` uses it. Lego
     filters, coefficients and everything else keep training. Under DDP, call it on every
     rank at the same step (DDP also broadcasts rank 0's buffers at each forward, so calling it
-    on rank 0 alone takes effect everywhere at the next step).
+    on rank 0 alone takes effect everywhere at the next step). Under FSDP2 it gathers the
+    sharded proxies (a collective): call it on every rank at the same step.
     """
     layers = _require_layers(model)
     for layer in layers:
