@@ -145,3 +145,29 @@ def test_lightning_resumes_with_ckpt_path(tmp_path):
     for key in want:
         assert torch.allclose(got[key].float(), want[key].float(), rtol=RESUME_TOL,
                               atol=RESUME_TOL), key
+
+
+def test_lightning_ema_weight_averaging_keeps_the_frozen_selection(tmp_path):
+    """``EMAWeightAveraging`` deep-copies the module into an ``AveragedModel`` and averages
+    parameters and buffers: the frozen selection (a float buffer) is averaged with them and
+    still reads as the selection frozen by the callback; its checkpoints hold the average and
+    reload."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    module = LegoClassifier()
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer, _ = fit(module, tmp_path, max_steps=4, callbacks=[FreezeSelection(2), ema])
+    assert module.frozen  # the average was copied into the module at the end of fit
+    lego = [m for m in module.net.modules() if isinstance(m, legofx.LegoConv2d)]
+    averaged = [m for m in ema._average_model.module.net.modules()
+                if isinstance(m, legofx.LegoConv2d)]
+    assert len(averaged) == len(lego)
+    for ours, theirs in zip(lego, averaged):
+        assert torch.equal(ours.selection(), theirs.selection())
+    reloaded = LegoClassifier.load_from_checkpoint(tmp_path / "ckpt" / "step=4.ckpt")
+    assert reloaded.frozen
+    x = next(iter(loader(8, seed=1)))[0]
+    module.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert relative_error(reloaded(x), module(x)) <= OUT_TOL
+        assert relative_error(legofx.fold(reloaded.net)(x), module(x)) <= 1e-4
