@@ -61,9 +61,20 @@ def arguments(out, **kw) -> TrainingArguments:
     return TrainingArguments(**{**base, **kw})
 
 
+class LegoTrainer(Trainer):
+    """The recipe's balance loss during the warm-up (until the selection is frozen)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if model.training and not all(layer.frozen for layer in model.modules()
+                                      if isinstance(layer, legofx.LegoConv2d)):
+            loss = loss + 1e-4 * legofx.balance_loss(model)
+        return (loss, outputs) if return_outputs else loss
+
+
 def trainer(model, out, **kw) -> Trainer:
     callbacks = kw.pop("callbacks", None)
-    return Trainer(model=model, args=arguments(out, **kw), train_dataset=Images(32, 0),
+    return LegoTrainer(model=model, args=arguments(out, **kw), train_dataset=Images(32, 0),
                    eval_dataset=Images(16, 1), callbacks=callbacks)
 
 
