@@ -193,6 +193,16 @@ def test_trainer_resumes_from_a_checkpoint(tmp_path):
                               atol=RESUME_TOL), key
 
 
+def test_trainer_load_best_model_at_end_reloads_a_lego_checkpoint(tmp_path):
+    gm = lego_model()
+    t = trainer(gm, tmp_path / "run", callbacks=[FreezeAt(2)], eval_strategy="steps",
+                eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    t.train()
+    best = t.state.best_metric
+    assert t.state.best_model_checkpoint is not None
+    assert relative(t.evaluate()["eval_loss"], best) <= LOSS_TOL
+
+
 def test_plain_from_pretrained_of_a_lego_save_loads_no_lego_weight(tmp_path):
     """What the issue reports, pinned: transformers 5 loads a Lego save into the plain class
     without an error. The Lego layers' tensors are 'unexpected', the plain convs' weights
