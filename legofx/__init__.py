@@ -7,6 +7,7 @@ The packages, lowest first: ``core`` (layer contract, geometry, records, argumen
 ``cli``; ``testing`` for users' own property tests. docs/architecture.md has the picture.
 """
 
+from legofx.checkpoint import restore, save
 from legofx.core.records import LayerRecord, summary
 from legofx.deploy import check_ops, compile, export
 from legofx.fx.interface import InterfaceError
@@ -36,10 +37,12 @@ __all__ = [
     "freeze_selection",
     "recalibrate_batchnorm",
     "report",
+    "restore",
+    "save",
     "structural_loss",
     "structure",
     "summary",
     "transform",
     "unfreeze_selection",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

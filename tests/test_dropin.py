@@ -271,3 +271,44 @@ def test_compare_calls_lets_a_value_dependent_count_differ():
     compare_calls(Boxes(0), Boxes(7), (x,), {})
     with pytest.raises(legofx.InterfaceError, match=r"output\[0\]\['boxes'\]"):
         compare_calls(Boxes(0), Boxes(7), (x,), {}, same_function=True)
+
+
+class ConvBN(nn.Module):
+    """ultralytics' ``Conv``: conv, BatchNorm, activation, and ``forward_fuse`` for after fusion."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x):
+        return torch.relu(self.conv(x))
+
+
+def test_a_forward_replaced_inside_a_traced_block_runs():
+    """ultralytics' ``model.fuse()`` folds each BatchNorm into its conv (assigning the conv's
+    ``weight`` and ``bias``), deletes ``bn`` and sets ``forward = forward_fuse`` on the instance
+    of a module that a traced block inlined: the block runs its source's forward from then on
+    (before: ``AttributeError: 'ConvBN' object has no attribute 'bn'``)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    net = nn.Sequential(nn.Sequential(ConvBN(), ConvBN()), nn.ReLU())
+    gen = torch.Generator().manual_seed(0)
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.copy_(torch.randn(4, generator=gen))
+        bn.running_var.copy_(torch.rand(4, generator=gen) + 0.5)
+    gm = legofx.transform(net.eval(), o=2, m=2).eval()
+    randomize_lego(gm, gen)
+    assert all(r.rewritten for r in legofx.summary(gm))
+    x = torch.randn(2, 4, 5, 5, generator=gen)
+    with torch.no_grad():
+        want = gm(x)
+        for block in gm[0]:
+            block.conv.weight, block.conv.bias = fuse_conv_bn_weights(
+                block.conv.weight, block.conv.bias, block.bn.running_mean, block.bn.running_var,
+                block.bn.eps, block.bn.weight, block.bn.bias)
+            delattr(block, "bn")
+            block.forward = block.forward_fuse
+        assert relative_error(gm(x), want) <= 1e-5

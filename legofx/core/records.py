@@ -89,9 +89,10 @@ def stored_meta(module: nn.Module) -> dict:
         if isinstance(module, nn.Module) and any(
                 isinstance(sub, RewrittenLayer) for sub in module.modules()):
             raise ValueError(
-                f"{type(module).__name__} holds legofx layers but has lost its records and graph "
-                "tags (a pickled GraphModule keeps neither): rebuild it with legofx.transform "
-                "on the original model and load_state_dict the saved weights"
+                f"{type(module).__name__} holds legofx layers but has lost its records (a copy "
+                "made by re-tracing it, such as torch.fx.symbolic_trace, keeps none): rebuild it "
+                "with legofx.restore(original_model, path) from a legofx.save checkpoint, or "
+                "legofx.transform on the original model and load_state_dict the saved weights"
             )
         raise ValueError(
             f"gm must be a model returned by legofx.transform (or fold), got "
@@ -104,9 +105,23 @@ def stored_records(module: nn.Module) -> list[LayerRecord]:
     return stored_meta(module)["records"]
 
 
-def store_records(module: nn.Module, records: list[LayerRecord], untraced: dict[str, str]) -> None:
-    """Keep the records and the modules left untraced (name -> why) with the model."""
-    meta = {"records": records, "untraced": untraced}
+def stored_recipe(module: nn.Module) -> list[dict]:
+    """The calls that made ``module`` from its original model, in order (``legofx.save``
+    replays them): ``{"call": "transform" | "structure" | "fold", "options": {...}}``, plain
+    Python values only."""
+    return list(stored_meta(module).get("recipe", []))
+
+
+def add_to_recipe(module: nn.Module, call: str, options: dict) -> None:
+    """Append one call to ``module``'s recipe (:func:`stored_recipe`)."""
+    meta = stored_meta(module)
+    meta["recipe"] = [*meta.get("recipe", []), {"call": call, "options": options}]
+
+
+def store_records(module: nn.Module, records: list[LayerRecord], untraced: dict[str, str],
+                  recipe: list[dict] | None = None) -> None:
+    """Keep the records, the modules left untraced (name -> why) and the recipe with the model."""
+    meta = {"records": records, "untraced": untraced, "recipe": list(recipe or [])}
     if isinstance(module, fx.GraphModule):
         module.meta[META_KEY] = meta
     else:

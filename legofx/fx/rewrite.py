@@ -13,7 +13,8 @@ from torch.nn.utils import parametrize
 from legofx import passes
 from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
-from legofx.core.records import LayerRecord, skipped_record, store_records, stored_records
+from legofx.core.records import (LayerRecord, skipped_record, store_records, stored_recipe,
+                                 stored_records)
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.fx.interface import compare_calls, has_hooks
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
@@ -105,14 +106,17 @@ def _is_rewritten(name: str, module: nn.Module) -> bool:
 
 
 def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
-            example_inputs=None, example_kwargs=None) -> nn.Module:
+            example_inputs=None, example_kwargs=None, call: dict | None = None) -> nn.Module:
     """A traced copy of ``model`` with every eligible module of ``method.types`` rewritten.
 
     Returns a :class:`~legofx.fx.traced_module.TracedModule` when the model's own ``forward``
     traces and its interface survives tracing, else the copied model (its own class) with its
     traceable parts traced and the rest rewritten at module level. With ``example_inputs``
     (and/or ``example_kwargs``) both models run once and must answer with the same output
-    structure, shapes and dtypes (:func:`~legofx.fx.interface.compare_calls`).
+    structure, shapes and dtypes (:func:`~legofx.fx.interface.compare_calls`). ``call``
+    (``{"call": name, "options": {...}}``) is appended to the model's recipe
+    (:func:`~legofx.core.records.stored_recipe`), and to a transformers-style ``config``'s
+    ``legofx`` attribute, so that ``save_pretrained`` writes it to ``config.json``.
     """
     check_model(model)
     patterns = Patterns(include, exclude)
@@ -148,7 +152,9 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
         if scope.graph:
             passes.inline_modules(scope.module, _is_rewritten)
     unshare(root.module, model)
-    store_records(root.module, _merge_records(root.module, records), _untraced(root))
+    recipe = _earlier_recipe(model) + ([call] if call else [])
+    store_records(root.module, _merge_records(root.module, records), _untraced(root), recipe)
+    _config_recipe(root.module, recipe)
     if example is not None:
         compare_calls(model, root.module, *example)
     return root.module
@@ -178,6 +184,22 @@ def _record(record: LayerRecord, layer: RewrittenLayer, where: str) -> LayerReco
 def _untraced(root: Scope) -> dict[str, str]:
     """The modules whose ``forward`` runs eagerly, with the reason each could not be traced."""
     return {scope.name or "<root>": scope.reason for scope in root.walk() if not scope.graph}
+
+
+def _earlier_recipe(model: nn.Module) -> list[dict]:
+    try:
+        return stored_recipe(model)
+    except ValueError:  # not made by legofx
+        return []
+
+
+def _config_recipe(model: nn.Module, recipe: list[dict]) -> None:
+    """Put ``recipe`` on a transformers-style ``config`` (one with ``to_dict`` and
+    ``save_pretrained``): its ``save_pretrained`` then keeps it in ``config.json``. The
+    config is the copy's own (``transform`` deep-copies the model)."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict") and hasattr(config, "save_pretrained"):
+        config.legofx = {"recipe": recipe}
 
 
 def _merge_records(module: nn.Module, new: dict[str, LayerRecord]) -> list[LayerRecord]:

@@ -20,6 +20,10 @@ Two things a graph alone would lose are kept:
   hook fires; the graph runs again once they are removed. Both compute the same function (the
   rewritten layers compute the same math eagerly); the check is one pass over the inlined
   modules' hook dictionaries per call.
+- **Forwards replaced after tracing.** Code that swaps an inlined module's ``forward`` on the
+  instance (ultralytics' ``model.fuse()``: ``conv.forward = conv.forward_fuse`` and ``del
+  conv.bn``) changes what the module computes, which the graph cannot see. While any inlined
+  module has its own instance ``forward``, the source's ``forward`` runs too, which calls it.
 - **Pickling.** ``torch.save(model)`` / ``torch.load`` (and ``pickle``) rebuild the same
   ``Traced<Name>`` class over the same tree, graph and attributes; ``GraphModule``'s own
   pickling would re-trace its generated code as a plain ``GraphModule`` (losing the class,
@@ -74,25 +78,26 @@ def _inlined_modules(traced: fx.GraphModule) -> tuple[nn.Module, ...]:
                  if name and not (name + ".").startswith(called))
 
 
-def hooks_inside(traced: fx.GraphModule) -> bool:
-    """Whether a hook would be lost if ``traced`` ran its graph: a global module hook, or a hook
-    on a module its graph inlined."""
+def needs_eager(traced: fx.GraphModule) -> bool:
+    """Whether running ``traced``'s graph would skip something: a global module hook, or a
+    module its graph inlined that has a hook or a ``forward`` of its own (set on the instance,
+    as ultralytics' ``fuse`` does)."""
     if any(_GLOBAL_HOOKS):
         return True
     for module in traced.__dict__.get(INLINED, ()):
         if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks):
+                or module._backward_pre_hooks or "forward" in module.__dict__):
             return True
     return False
 
 
 def _dispatching(graph_forward):
     """``forward`` of a traced module: ``graph_forward``, or the source's eager ``forward``
-    while hooks need the modules to be called (see the module docstring). It has the graph's
+    while hooks or replaced forwards need the modules to be called (see the module docstring). It has the graph's
     signature (``inspect.signature``, which ``torch.export`` reads, follows ``__wrapped__``)."""
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
-        if hooks_inside(self):
+        if needs_eager(self):
             source = self.__dict__[SOURCE]
             if isinstance(self, type(source)):
                 return type(source).forward(self, *args, **kwargs)

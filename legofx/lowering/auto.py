@@ -68,9 +68,19 @@ def check_strategy(strategy, layers: dict[str, RewrittenLayer]) -> None:
     if strategy is None or strategy == "auto":
         return
     offered = {name for layer in layers.values() for name in lowerings(layer)} or known_lowerings()
+    if isinstance(strategy, dict):  # one lowering per layer name
+        for name, lowering in strategy.items():
+            if not isinstance(name, str) or (layers and name not in layers):
+                raise ValueError(f"strategy: {name!r} is not a training-form layer of the model "
+                                 f"(layers: {', '.join(sorted(layers)[:5])}...)")
+            if not isinstance(lowering, str) or lowering not in offered:
+                raise ValueError(f"strategy[{name!r}] must be a lowering of the model's layers "
+                                 f"({', '.join(sorted(offered))}), got {lowering!r}")
+        return
     if not isinstance(strategy, str) or strategy not in offered:
         listed = ", ".join(sorted(offered))
-        raise ValueError(f"strategy must be None, 'auto' or a lowering of the model's layers "
+        raise ValueError(f"strategy must be None, 'auto', a lowering of the model's layers or a "
+                         f"dict of layer name -> lowering "
                          f"({listed}), got strategy={strategy!r}")
 
 

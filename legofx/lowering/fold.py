@@ -21,7 +21,7 @@ from legofx import passes
 from legofx.core.arguments import as_input_tuple, check_index_dtype
 from legofx.core.layer import RewrittenLayer
 from legofx.core.progress import progress
-from legofx.core.records import stored_records
+from legofx.core.records import add_to_recipe, stored_records
 from legofx.fx.generated_weight import GeneratedWeight
 from legofx.fx.rewrite import graph_modules
 from legofx.fx.tracing import copy_model, unshare
@@ -44,7 +44,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         strategy: how each layer computes: ``None`` is each layer's default lowering (Lego:
             ``"gather"``, Structured: ``"sum-pool"``); a name picks that lowering
             (``"accumulate"``, ``"merge-conv"``, ``"dense"``, ``"fused"``...; docs/api.md has
-            the table); ``"auto"`` times every lowering of each layer on its input from
+            the table); a dict picks one per layer name (the others take their default;
+            ``legofx.restore`` replays a fold this way); ``"auto"`` times every lowering of each layer on its input from
             ``example_inputs`` (required) and keeps the fastest. ``summary`` and ``report`` show
             the lowering of every layer.
         example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
@@ -85,7 +86,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
              if strategy == "auto" and backend != "eager" else training.items())
     memo: dict = {}
-    lowered = {name: lower(module, strategy, inputs.get(name), options, backend, custom_ops, memo)
+    lowered = {name: lower(module, strategy.get(name) if isinstance(strategy, dict) else strategy,
+                           inputs.get(name), options, backend, custom_ops, memo)
                for name, module in timed}
     folded = {name: layer for name, (layer, _) in lowered.items()}
     medians = {name: times for name, (_, times) in lowered.items() if times}
@@ -95,6 +97,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     else:
         gm = _assembled(gm, folded, fuse_batchnorm)
     unshare(gm, original)
+    chosen = {name: getattr(gm.get_submodule(name), "lowering_name", None) for name in training}
+    add_to_recipe(gm, "fold", {"strategy": {k: v for k, v in chosen.items() if v},
+                               "index_dtype": str(index_dtype).replace("torch.", ""),
+                               "fuse_batchnorm": fuse_batchnorm})
     return gm
 
 

@@ -47,7 +47,7 @@ def register_lowering(layer_type: type, name: str, *, default: bool = False,
 
     def register(build: Callable[..., RewrittenLayer]) -> Callable[..., RewrittenLayer]:
         table = _LOWERINGS.setdefault(layer_type, {})
-        entry = Lowering(name, build, by_name_only)
+        entry = Lowering(name, _named(build, name), by_name_only)
         if default:
             _LOWERINGS[layer_type] = {name: entry, **{k: v for k, v in table.items() if k != name}}
         else:
@@ -55,6 +55,16 @@ def register_lowering(layer_type: type, name: str, *, default: bool = False,
         return build
 
     return register
+
+
+def _named(build: Callable[..., RewrittenLayer], name: str) -> Callable[..., RewrittenLayer]:
+    """``build`` that records on each layer it makes the lowering's ``name``
+    (``layer.lowering_name``: what ``fold`` puts in the model's recipe)."""
+    def named_build(layer: RewrittenLayer, **options) -> RewrittenLayer:
+        built = build(layer, **options)
+        built.lowering_name = name
+        return built
+    return named_build
 
 
 def lowerings(layer: RewrittenLayer) -> dict[str, Lowering]:

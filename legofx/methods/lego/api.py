@@ -116,5 +116,7 @@ def transform(model: nn.Module, o: int = 2, m: int | float = 0.5, *, include=Non
     m = check_size_spec("m", m, of="each layer's out_channels")
     init = check_choice("init", init, ("random", "weights"))
     coefficients = check_bool("coefficients", coefficients)
+    call = {"call": "transform", "options": {"o": o, "m": m, "include": include, "exclude": exclude,
+                                             "coefficients": coefficients}}
     return rewrite(model, lego_method(o, m, init, coefficients), include=include, exclude=exclude,
-                   example_inputs=example_inputs, example_kwargs=example_kwargs)
+                   example_inputs=example_inputs, example_kwargs=example_kwargs, call=call)

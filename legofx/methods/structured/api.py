@@ -146,8 +146,10 @@ def structure(model: nn.Module, c: int | float = 0.5, n: int = 2, *, include=Non
     method = structure_method(c, n, init)
     if linear:
         method = _conv_or_linear(method, linear_method(c, init))
+    call = {"call": "structure", "options": {"c": c, "n": n, "include": include, "exclude": exclude,
+                                             "linear": linear}}
     return rewrite(model, method, include=include, exclude=exclude,
-                   example_inputs=example_inputs, example_kwargs=example_kwargs)
+                   example_inputs=example_inputs, example_kwargs=example_kwargs, call=call)
 
 
 def structural_loss(model: nn.Module, c: int | float = 0.5, n: int = 2) -> torch.Tensor:
