@@ -125,6 +125,11 @@ def test_lightning_fit_freeze_checkpoint_and_load_from_checkpoint(tmp_path):
         assert relative_error(reloaded(x), want) <= OUT_TOL
         # the inference form of the reloaded network
         assert relative_error(legofx.fold(reloaded.net)(x), want) <= 1e-4
+    # the network alone, outside Lightning: legofx.save / legofx.restore onto the plain network
+    legofx.save(module.net, tmp_path / "net.pt")
+    restored = legofx.restore(network(), tmp_path / "net.pt").eval()
+    with torch.no_grad():
+        assert relative_error(restored(x), want) <= OUT_TOL
     # ModelCheckpoint wrote step=2 at the end of step 2, before the callback froze the selection
     early = LegoClassifier.load_from_checkpoint(tmp_path / "ckpt" / "step=2.ckpt")
     assert not early.frozen

@@ -150,7 +150,6 @@ def test_trainer_trains_checkpoints_and_reloads_the_lego_model(tmp_path):
                     trained_loss) <= 1e-4
 
 
-@pytest.mark.skipif(not hasattr(legofx, "restore"), reason="legofx.restore not on this branch yet")
 def test_legofx_restore_from_a_trainer_save_and_checkpoint(tmp_path):
     gm = lego_model()
     t = trainer(gm, tmp_path / "run", callbacks=[FreezeAt(2)])
@@ -164,11 +163,25 @@ def test_legofx_restore_from_a_trainer_save_and_checkpoint(tmp_path):
                    if isinstance(layer, legofx.LegoConv2d))
         loss = trainer(restored, tmp_path / "eval").evaluate()["eval_loss"]
         assert relative(loss, trained_loss) <= LOSS_TOL, path
-    # legofx.save / restore round trip of the trained model
+    # the recipe travels in config.json, so the restored model saves and restores again
+    assert restored.config.legofx["recipe"][0]["call"] == "transform"
+    # legofx.save / restore round trip of the trained model, and of its inference form
     legofx.save(gm, tmp_path / "lego.pt")
     restored = legofx.restore(ResNetForImageClassification(config()), tmp_path / "lego.pt")
     assert relative(trainer(restored, tmp_path / "eval").evaluate()["eval_loss"],
                     trained_loss) <= LOSS_TOL
+    legofx.save(legofx.fold(gm.eval()), tmp_path / "folded.pt")
+    folded = legofx.restore(ResNetForImageClassification(config()), tmp_path / "folded.pt")
+    assert relative(trainer(folded, tmp_path / "eval").evaluate()["eval_loss"],
+                    trained_loss) <= 1e-4
+    # refusals, one line each: another class, another configuration
+    from transformers import ResNetModel
+    for other in (ResNetModel(config()),
+                  ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 32],
+                                                            depths=[1, 1], num_labels=3))):
+        with pytest.raises(ValueError) as refused:
+            legofx.restore(other, tmp_path / "final")
+        assert "\n" not in str(refused.value), str(refused.value)
 
 
 def test_trainer_resumes_from_a_checkpoint(tmp_path):
