@@ -45,4 +45,4 @@ __all__ = [
     "transform",
     "unfreeze_selection",
 ]
-__version__ = "0.2.0"
+from legofx.core.version import VERSION as __version__  # noqa: E402

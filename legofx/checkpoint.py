@@ -30,6 +30,7 @@ from torch import nn
 from legofx.core.arguments import check_model
 from legofx.core.files import write_atomically
 from legofx.core.records import stored_recipe
+from legofx.core.version import VERSION
 from legofx.fx.traced_module import SOURCE
 from legofx.lowering.fold import fold
 from legofx.methods.lego.api import transform
@@ -37,11 +38,6 @@ from legofx.methods.structured.api import structure
 
 FORMAT = 1  # the layout of the checkpoint; raised when an older legofx could not read it
 CALLS = {"transform": transform, "structure": structure}
-
-
-def _version() -> str:
-    from legofx import __version__
-    return __version__
 
 
 def original_class(model: nn.Module) -> type:
@@ -66,7 +62,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
         raise ValueError(f"{type(model).__name__} has no legofx recipe (it was made by a legofx "
                          "before 0.2): transform the original model again and load_state_dict its "
                          "weights, then save that")
-    payload = {"format": FORMAT, "legofx": _version(), "model_class": class_name(original_class(model)),
+    payload = {"format": FORMAT, "legofx": VERSION, "model_class": class_name(original_class(model)),
                "recipe": recipe, "state_dict": model.state_dict()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -91,7 +87,7 @@ def _read_pretrained(folder: Path) -> dict:
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
     architectures = config.get("architectures") or []
-    return {"format": FORMAT, "legofx": None, "recipe": recipe, "state_dict": state,
+    return {"format": FORMAT, "legofx": config["legofx"].get("version"), "recipe": recipe, "state_dict": state,
             "model_class": architectures[0] if architectures else None}
 
 
@@ -113,7 +109,7 @@ def read(path: str | Path) -> dict:
                          "format / recipe): write one with legofx.save")
     if payload["format"] != FORMAT:
         raise ValueError(f"path={str(path)!r} was written by legofx {payload.get('legofx')} in "
-                         f"checkpoint format {payload['format']}; this legofx {_version()} reads "
+                         f"checkpoint format {payload['format']}; this legofx {VERSION} reads "
                          f"format {FORMAT}: load it with the legofx that wrote it")
     return payload
 

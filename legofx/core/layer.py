@@ -26,6 +26,11 @@ def conv_extra_repr(layer: nn.Module, settings: str = "") -> str:
             f"bias={layer.bias is not None}")
 
 
+def computed_weight(layer: nn.Module) -> bool:
+    """Whether ``layer.weight`` is computed from other tensors (a property), not stored."""
+    return isinstance(getattr(type(layer), "weight", None), property)
+
+
 def full_tensor(tensor: Tensor) -> Tensor:
     """``tensor`` whole: a sharded ``DTensor`` (FSDP2's parameters between steps) gathered."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -89,7 +94,7 @@ class RewrittenLayer(nn.Module):
         ``layer.weight = w`` on a layer whose ``weight`` is computed (a property) calls
         ``assign_weight(w)``, which fits the layer's own factors to ``w`` or refuses it; a
         ``Parameter`` assigned to a ``bias`` that was ``None`` becomes the bias parameter."""
-        if name == "weight" and isinstance(getattr(type(self), "weight", None), property):
+        if name == "weight" and computed_weight(self):
             with torch.no_grad():
                 self.assign_weight(value)
             return
@@ -100,6 +105,23 @@ class RewrittenLayer(nn.Module):
 
     def assign_weight(self, value: Tensor) -> None:
         raise AttributeError(f"{type(self).__name__}.weight cannot be assigned")
+
+    guard_pretrained = False  # set on the layers of models with a transformers config
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """With ``guard_pretrained``, a ``weight`` of shape ``(1,)`` beside the layer's own
+        tensors: transformers' ``from_pretrained`` of the *original* class then stops at the
+        size mismatch with the conv's weight instead of loading nothing into it (missing and
+        unexpected keys only warn there). ``load_state_dict`` of a legofx model drops it."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.guard_pretrained and computed_weight(self):
+            destination[prefix + "weight"] = torch.zeros(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        marker = state_dict.get(prefix + "weight")
+        if computed_weight(self) and isinstance(marker, Tensor) and tuple(marker.shape) == (1,):
+            del state_dict[prefix + "weight"]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def compute(self, x: Tensor, attr, stage) -> Tensor:
         raise NotImplementedError

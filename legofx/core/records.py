@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from legofx.core.layer import RewrittenLayer
+from legofx.core.version import VERSION
 
 META_KEY = "legofx"
 
@@ -116,6 +117,23 @@ def add_to_recipe(module: nn.Module, call: str, options: dict) -> None:
     """Append one call to ``module``'s recipe (:func:`stored_recipe`)."""
     meta = stored_meta(module)
     meta["recipe"] = [*meta.get("recipe", []), {"call": call, "options": options}]
+    recipe_to_config(module)
+
+
+def recipe_to_config(model: nn.Module) -> None:
+    """For a model with a transformers-style ``config`` (one with ``to_dict`` and
+    ``save_pretrained``): the recipe goes to ``config.legofx`` (``save_pretrained`` writes it to
+    ``config.json``, where ``legofx.restore`` reads it), and every rewritten layer guards its
+    state against ``from_pretrained`` of the original class
+    (:meth:`~legofx.core.layer.RewrittenLayer._save_to_state_dict`). The config is the
+    model's own (``transform`` and ``fold`` work on copies)."""
+    config = getattr(model, "config", None)
+    if not (hasattr(config, "to_dict") and hasattr(config, "save_pretrained")):
+        return
+    config.legofx = {"recipe": stored_recipe(model), "version": VERSION}
+    for layer in model.modules():
+        if isinstance(layer, RewrittenLayer):
+            layer.guard_pretrained = True
 
 
 def store_records(module: nn.Module, records: list[LayerRecord], untraced: dict[str, str],

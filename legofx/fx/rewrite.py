@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 from legofx import passes
 from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
-from legofx.core.records import (LayerRecord, skipped_record, store_records, stored_recipe,
-                                 stored_records)
+from legofx.core.records import (LayerRecord, recipe_to_config, skipped_record, store_records,
+                                 stored_recipe, stored_records)
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.fx.interface import compare_calls, has_hooks
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
@@ -154,7 +154,7 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
     unshare(root.module, model)
     recipe = _earlier_recipe(model) + ([call] if call else [])
     store_records(root.module, _merge_records(root.module, records), _untraced(root), recipe)
-    _config_recipe(root.module, recipe)
+    recipe_to_config(root.module)
     if example is not None:
         compare_calls(model, root.module, *example)
     return root.module
@@ -191,15 +191,6 @@ def _earlier_recipe(model: nn.Module) -> list[dict]:
         return stored_recipe(model)
     except ValueError:  # not made by legofx
         return []
-
-
-def _config_recipe(model: nn.Module, recipe: list[dict]) -> None:
-    """Put ``recipe`` on a transformers-style ``config`` (one with ``to_dict`` and
-    ``save_pretrained``): its ``save_pretrained`` then keeps it in ``config.json``. The
-    config is the copy's own (``transform`` deep-copies the model)."""
-    config = getattr(model, "config", None)
-    if hasattr(config, "to_dict") and hasattr(config, "save_pretrained"):
-        config.legofx = {"recipe": recipe}
 
 
 def _merge_records(module: nn.Module, new: dict[str, LayerRecord]) -> list[LayerRecord]:

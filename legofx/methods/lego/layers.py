@@ -172,7 +172,8 @@ class LegoLayer(ConvLayer):
             error_msgs.append(f"{prefix[:-1] or 'layer'}: the checkpoint's Lego layer was made with "
                               f"o={o}, m={m} (lego {tuple(lego.shape)}), this one has o={self.o}, "
                               f"m={self.m}: transform with the checkpoint's o and m before "
-                              f"load_state_dict")
+                              f"load_state_dict (or, with m a fraction of each layer's "
+                              f"outputs, load it into the model configuration it was saved from)")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
