@@ -113,7 +113,8 @@ def _compact(value: int) -> str:
     return str(value)
 
 
-def coverage_lines(records: list[LayerRecord], untraced: dict[str, str]) -> list[str]:
+def coverage_lines(records: list[LayerRecord], untraced: dict[str, str],
+                   unchecked: str = "") -> list[str]:
     """Found / rewritten (and how each is reached) / skipped, skipped grouped by reason, and
     the modules that run eagerly because they could not be traced, each with its reason."""
     rewritten = [r for r in records if r.rewritten]
@@ -132,6 +133,8 @@ def coverage_lines(records: list[LayerRecord], untraced: dict[str, str]) -> list
             lines.append(f"  {name}: {reason}")
         if len(untraced) > 10:
             lines.append(f"  ... and {len(untraced) - 10} more")
+    if unchecked:
+        lines.append(f"note: {unchecked}")
     return lines
 
 
@@ -169,7 +172,8 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
     if with_init:
         headers.append("init error")
     lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
-    lines += coverage_lines(records, stored_meta(gm)["untraced"])
+    meta = stored_meta(gm)
+    lines += coverage_lines(records, meta["untraced"], meta.get("unchecked", ""))
     conv_before = sum(r.params_before for r in records)
     conv_after = sum(r.params_after for r in records)
     lines.append(f"layer parameters: {conv_before:,} -> {conv_after:,} "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from legofx.core.arguments import as_args, as_kwargs
-from legofx.deploy.onnx_runtime import OPSET, OnnxRuntimeModule, save_onnx
+from legofx.deploy.onnx_runtime import OPSET, OnnxRuntimeModule, output_structure, save_onnx
 from legofx.deploy.op_check import OpReport, UnsupportedOpsError, check_program
 from legofx.deploy.quantize import MIN_COSINE, check_quantize_arguments, write_int8
 from legofx.deploy.structure import (check_leaves, flat_tensors, output_names,
@@ -129,7 +129,8 @@ def _program(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool | 
 def check_ops(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> OpReport:
     """The Torch-TensorRT op check of ``model``'s exported graph (see :mod:`legofx.deploy.op_check`)."""
     require_inference_form(model)
-    args, kwargs = as_args(example_inputs), as_kwargs(example_kwargs)
+    kwargs = as_kwargs(example_kwargs)
+    args = as_args(example_inputs, allow_empty=bool(kwargs))
     register_dataclasses((args, kwargs))
     return check_program(export_program(model, args, False, kwargs), model)
 
@@ -176,7 +177,8 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
     require_inference_form(model)
     if kind == "onnx":
         require_standard_ops(model, "ONNX")
-    args, kwargs = as_args(example_inputs), as_kwargs(example_kwargs)
+    kwargs = as_kwargs(example_kwargs)
+    args = as_args(example_inputs, allow_empty=bool(kwargs))
     calibrating = check_quantize_arguments(quantize, calibration, min_cosine, kind, args)
     register_dataclasses((args, kwargs))
     check_leaves(args, "example_inputs", "an input")
@@ -204,6 +206,7 @@ def export(model: nn.Module, example_inputs, path, *, example_kwargs: dict | Non
         else:
             save_onnx(program, args, staged, opset, kwargs=kwargs, output_names=output_names(expected))
             session = OnnxRuntimeModule.from_file(staged, flat[0].device if flat else torch.device("cpu"))
+            session.rebuild = output_structure(program)
             deployed = lambda *a, **k: session(*flat_tensors(a, k, program))  # noqa: E731
         error, absolute, tolerance = check_outputs(deployed, model, batches, dtype, path.name)
         cosine = int8_error = None

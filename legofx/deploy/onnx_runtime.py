@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 from torch import nn
 
 OPSET = 18  # the opset torch.onnx's dynamo exporter (onnxscript's torchlib) targets natively
@@ -34,7 +35,7 @@ def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got opset={opset}")
     weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
-    outputs = len(program.graph_signature.user_outputs)
+    outputs = len(_tensor_outputs(program))
     if output_names is None or len(output_names) != outputs:
         output_names = names("output", outputs)
     inputs_named = {str(name) for name in program.graph_signature.user_inputs}
@@ -42,7 +43,33 @@ def save_onnx(program: torch.export.ExportedProgram, inputs: tuple, path: Path,
     torch.onnx.export(program, inputs, str(path), kwargs=kwargs, dynamo=True, opset_version=opset,
                       output_names=output_names,
                       external_data=weights > _SINGLE_FILE_BYTES, verbose=False)
-    _restore_output_dtypes(path, [node.meta["val"].dtype for node in program.graph.output_node().args[0]])
+    _restore_output_dtypes(path, [node.meta["val"].dtype for node in _tensor_outputs(program)])
+
+
+def _tensor_outputs(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
+    """The program's outputs that are tensors (the ONNX file's outputs); ``None`` and other
+    constants among its outputs are not in the file."""
+    return [node for node in _user_outputs(program) if isinstance(node, torch.fx.Node)]
+
+
+def _user_outputs(program: torch.export.ExportedProgram) -> list:
+    """The output node's entries that the model returns (after any mutated buffers)."""
+    count = len(program.graph_signature.user_outputs)
+    return list(program.graph.output_node().args[0][-count:]) if count else []
+
+
+def output_structure(program: torch.export.ExportedProgram):
+    """A function that puts the ONNX file's output tensors back into the structure the model
+    returns (dicts, tuples, dataclasses, ``ModelOutput``), with its constant outputs (``None``
+    and the like) where they were."""
+    leaves = _user_outputs(program)
+    spec = program.call_spec.out_spec
+
+    def rebuild(tensors):
+        found = iter(tensors)
+        values = [next(found) if isinstance(leaf, torch.fx.Node) else leaf for leaf in leaves]
+        return values[0] if spec is None else pytree.tree_unflatten(values, spec)
+    return rebuild
 
 
 def _restore_output_dtypes(path: Path, dtypes: list[torch.dtype]) -> None:
@@ -81,9 +108,9 @@ class OnnxRuntimeModule(nn.Module):
     Tensors go in and come out (on the inputs' device; through host memory, no IO binding).
     """
 
-    def __init__(self, session, device: torch.device) -> None:
+    def __init__(self, session, device: torch.device, rebuild=None) -> None:
         super().__init__()
-        self.session, self.device = session, device
+        self.session, self.device, self.rebuild = session, device, rebuild
         self.input_names = [i.name for i in session.get_inputs()]
 
     @classmethod
@@ -111,11 +138,15 @@ class OnnxRuntimeModule(nn.Module):
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"
             save_onnx(program, inputs, path, opset)
-            return cls.from_file(path, device, session_config)
+            module = cls.from_file(path, device, session_config)
+        module.rebuild = output_structure(program)
+        return module
 
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
         feeds = {name: numpy_input(t) for name, t in zip(self.input_names, inputs)}
         outputs = [torch.from_numpy(out).to(self.device) for out in self.session.run(None, feeds)]
+        if self.rebuild is not None:
+            return self.rebuild(outputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

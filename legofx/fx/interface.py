@@ -129,6 +129,11 @@ def _flatten(output) -> tuple[list[tuple[str, object]], object]:
 
 
 def _differ(want, got, same_function: bool) -> bool:
+    """Whether two output leaves differ in what must match; a dataclass (kornia's
+    ``DISKFeatures``) is compared field by field under the same rules as tensors."""
+    if (dataclasses.is_dataclass(want) and not isinstance(want, type) and type(want) is type(got)):
+        return any(_differ(getattr(want, f.name), getattr(got, f.name), same_function)
+                   for f in dataclasses.fields(want))
     if not same_function and isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) \
             and want.dim() == got.dim() > 0:  # the first dimension may be a value-dependent count
         return (want.dtype, want.shape[1:]) != (got.dtype, got.shape[1:])

@@ -14,7 +14,7 @@ from legofx import passes
 from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
 from legofx.core.records import (LayerRecord, recipe_to_config, skipped_record, store_records,
-                                 stored_recipe, stored_records)
+                                 stored_meta, stored_recipe, stored_records)
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.fx.interface import compare_calls, has_hooks
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
@@ -121,7 +121,7 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
     check_model(model)
     patterns = Patterns(include, exclude)
     example = example_call(example_inputs, example_kwargs)
-    root = trace_tree(model)
+    root = trace_tree(model, example)
     kinds = method.types
     originals = {name: mod for name, mod in model.named_modules() if isinstance(mod, kinds)}
     sites = _sites(root, kinds, originals)
@@ -154,6 +154,7 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
     unshare(root.module, model)
     recipe = _earlier_recipe(model) + ([call] if call else [])
     store_records(root.module, _merge_records(root.module, records), _untraced(root), recipe)
+    stored_meta(root.module)["unchecked"] = root.unchecked
     recipe_to_config(root.module)
     if example is not None:
         compare_calls(model, root.module, *example)

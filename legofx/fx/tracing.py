@@ -24,6 +24,8 @@ from torch.nn.parameter import is_lazy
 
 from legofx.core.layer import RewrittenLayer
 from legofx.fx.interface import CONTAINERS, OutputTypes, has_hooks, signature_problem
+from legofx.fx.probe import Call, built_probe, disagreement, record_calls
+from legofx.fx.side_effects import computed_tensors, leaked_proxies, snapshot
 from legofx.fx.traced_module import SOURCE, traced_module
 
 REWRITABLE_TYPES = (nn.Conv2d, nn.Linear)
@@ -111,6 +113,7 @@ class Scope:
     reason: str = ""
     leaves: dict[str, str] = field(default_factory=dict)
     children: list[Scope] = field(default_factory=list)
+    unchecked: str = ""  # the root's: why its graphs were not checked against eager code
 
     def walk(self):
         yield self
@@ -162,7 +165,29 @@ def _mode_dependence(module: nn.Module, graph: fx.Graph, leaves) -> tuple[str, s
     return None
 
 
-def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+@dataclass
+class TraceContext:
+    """What every trace of one ``trace_tree`` shares: the whole copied model (whose Python
+    state a trace may change: :mod:`legofx.fx.side_effects`) and each module's probe call by
+    qualified name (:mod:`legofx.fx.probe`; empty when there is no probe)."""
+
+    model: nn.Module
+    calls: dict[str, Call] = field(default_factory=dict)
+    unchecked: str = ""  # why graphs could not be checked against eager code, if so
+
+
+def _side_effect_problem(before, what: str) -> str | None:
+    changed = before.changes()
+    if not changed:
+        return None
+    before.restore()
+    shown = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+    return (f"its forward changes Python state while it runs ({shown}), which a traced graph "
+            f"would not do when it runs{what}: it runs eagerly")
+
+
+def robust_trace(module: nn.Module, context: TraceContext | None = None,
+                 scope_name: str = "") -> tuple[fx.GraphModule | None, dict[str, str], str]:
     """Trace ``module``, making leaves of the modules that break the trace.
 
     A module breaks the trace when tracing its ``forward`` raises, or when its code depends on
@@ -172,7 +197,13 @@ def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, st
     returns is a failure of the root. A module that fails makes every module of the same
     class (outside ``torch.nn``) a leaf too, so a model with 24 identical failing blocks is
     traced twice, not 25 times.
+
+    With a ``context``, two more failures of the root: tracing changed Python state of the
+    model (undone first), or the graph disagrees with ``module``'s eager forward on its probe
+    call (``context.calls[scope_name]``).
     """
+    context = context or TraceContext(module)
+    before = snapshot(context.model)
     leaves: dict[str, str] = {
         name: "it has hooks, which run only when it is called as a module"
         for name, sub in module.named_modules()
@@ -186,11 +217,21 @@ def robust_trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, st
             graph = tracer.trace(module)
         except Exception as err:  # anything user code raises under tracing
             culprit, failure = tracer.failing_module, describe_failure(err)
+            effect = _side_effect_problem(before, " (seen after a failed trace)")
+            if effect:
+                return None, leaves, effect
         else:
             if tracer.outputs.problem():
                 return None, leaves, tracer.outputs.problem()
             dependence = _mode_dependence(module, graph, leaves)
+            effect = _side_effect_problem(before, "")
+            if effect:
+                return None, leaves, effect
             if dependence is None:
+                call = context.calls.get(scope_name)
+                problem = call and disagreement(fx.GraphModule(module, graph), module, call)
+                if problem:
+                    return None, leaves, problem
                 traced = traced_module(module, graph)
                 return traced, _outermost(leaves), ""
             culprit, failure = dependence
@@ -207,14 +248,14 @@ def _contains_rewritable(module: nn.Module) -> bool:
     return any(isinstance(sub, REWRITABLE_TYPES) for sub in module.modules())
 
 
-def _eager_scope(module: nn.Module, name: str, reason: str) -> Scope:
+def _eager_scope(module: nn.Module, name: str, reason: str, context: TraceContext) -> Scope:
     """``module`` runs its own forward; each child that holds convs becomes a scope of its own
     (a traced child takes the child's place in ``module``)."""
     scope = Scope(name, module, graph=False, reason=reason)
     for child_name, child in list(module.named_children()):
         if isinstance(child, REWRITABLE_TYPES) or not _contains_rewritable(child):
             continue
-        sub = _scope(child, qualified_name(name, child_name), called_by_eager_code=True)
+        sub = _scope(child, qualified_name(name, child_name), context, called_by_eager_code=True)
         if sub.graph and sub.module is not child:
             setattr(module, child_name, sub.module)
         scope.children.append(sub)
@@ -229,28 +270,32 @@ def interface_problem(module: nn.Module, called_by_eager_code: bool) -> str | No
     return signature_problem(module)
 
 
-def _scope(module: nn.Module, name: str, called_by_eager_code: bool = False) -> Scope:
+def _scope(module: nn.Module, name: str, context: TraceContext,
+           called_by_eager_code: bool = False) -> Scope:
     if isinstance(module, fx.GraphModule):  # already traced (e.g. transformed before)
         return Scope(name, module, graph=True)
     problem = interface_problem(module, called_by_eager_code)
     if problem:
-        return _eager_scope(module, name, problem)
-    gm, leaves, failure = robust_trace(module)
+        return _eager_scope(module, name, problem, context)
+    gm, leaves, failure = robust_trace(module, context, name)
     if gm is None:
-        return _eager_scope(module, name, failure)
+        return _eager_scope(module, name, failure, context)
     called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     leaves = {leaf: message for leaf, message in leaves.items() if leaf in called}
     scope = Scope(name, gm, graph=True, leaves=leaves)
     for leaf, message in leaves.items():
         scope.children.append(_eager_scope(gm.get_submodule(leaf), qualified_name(name, leaf),
-                                           message))
+                                           message, context))
     return scope
 
 
 def copy_model(model: nn.Module, shared: Iterable[Tensor] = ()) -> nn.Module:
     """A deep copy of ``model`` that still refers to the ``shared`` tensors (not copied, to
-    save time on tensors about to be replaced); :func:`unshare` ends the sharing."""
+    save time on tensors about to be replaced); :func:`unshare` ends the sharing. Tensors with
+    an autograd history cached in plain attributes (the last forward's activations) are copied
+    detached, as deepcopy refuses them."""
     memo = {id(tensor): tensor for tensor in shared}
+    memo.update({id(t): t.detach().clone() for t in computed_tensors(model)})
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:  # deepcopy raises anything a __deepcopy__ or __reduce__ raises
@@ -285,8 +330,13 @@ def unshare(copied: nn.Module, original: nn.Module) -> None:
                 store[key] = clones[id(tensor)]
 
 
-def trace_tree(model: nn.Module) -> Scope:
+def trace_tree(model: nn.Module, example: Call | None = None) -> Scope:
     """The scopes of a copy of ``model``; the original, its parameters and hooks stay untouched.
+
+    Every graph is checked against its module's eager forward on the call that module got
+    when the copy ran ``example`` (``(args, kwargs)``), or, without one, an input built from
+    the model's first conv (:func:`legofx.fx.probe.built_probe`); a graph that disagrees is
+    not used (the module runs eagerly). No ``torch.fx`` Proxy is left in the copy's state.
 
     The root scope's module is what ``transform`` returns: a ``GraphModule`` when the root's
     ``forward`` traces (possibly with leaves), else the copied model itself. The copy still
@@ -295,4 +345,21 @@ def trace_tree(model: nn.Module) -> Scope:
     """
     weights = [m.weight for m in model.modules() if isinstance(m, REWRITABLE_TYPES)
                and isinstance(m.weight, Tensor) and not is_lazy(m.weight)]
-    return _scope(copy_model(model, weights), "")
+    copied = copy_model(model, weights)
+    context = TraceContext(copied)
+    call = example if example is not None else built_probe(copied)
+    if call is None:
+        context.unchecked = ("no example_inputs, and no input could be built for the model (one "
+                             "tensor for its first conv): traced graphs were not checked against "
+                             "eager execution; pass example_inputs to check them")
+    else:
+        context.calls = record_calls(copied, call, lambda m: _contains_rewritable(m)
+                                     and not isinstance(m, REWRITABLE_TYPES))
+    root = _scope(copied, "", context)
+    root.unchecked = context.unchecked
+    leaked = leaked_proxies(root.module)
+    if leaked:
+        raise TraceError(f"tracing left torch.fx Proxies in the model's attributes "
+                         f"({', '.join(leaked[:3])}): legofx cannot rewrite this model safely; "
+                         "please report it")
+    return root

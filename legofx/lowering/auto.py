@@ -13,6 +13,8 @@ channels-last input the fused layers pass on.
 
 from __future__ import annotations
 
+import functools
+
 import copy
 
 import torch
@@ -192,12 +194,14 @@ def noted(layer: RewrittenLayer, timed: RewrittenLayer, note: str) -> None:
 
 
 def choose_fastest_model(models: dict[str, nn.Module], example_inputs: tuple, backend: str,
-                         rounds: int = 9) -> tuple[str, dict]:
+                         rounds: int = 9, example_kwargs: dict | None = None) -> tuple[str, dict]:
     """The key of the fastest of ``models`` (the whole model under each variant of
     :func:`whole_model_variants`) on ``backend``, by interleaved medians; ``dense`` unless
     another is below :data:`KEEP_BELOW` of its time. Returns the key and the medians in ms."""
     with kept_modes(*models.values(), training=False):
         runnable = {key: BACKENDS[backend](model, example_inputs) for key, model in models.items()}
+        if example_kwargs:  # eager only (fold times compiled whole models on tensor inputs)
+            runnable = {key: functools.partial(run, **example_kwargs) for key, run in runnable.items()}
         times = interleaved_times(runnable, *example_inputs, rounds=rounds,
                                   warmup=2 if backend != "eager" else 1)
     medians = {key: median_ms(samples) for key, samples in times.items()}

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from legofx import passes
-from legofx.core.arguments import as_input_tuple, check_index_dtype
+from legofx.core.arguments import as_args, as_kwargs, check_index_dtype
 from legofx.core.layer import RewrittenLayer
 from legofx.core.progress import progress
 from legofx.core.records import add_to_recipe, stored_records
@@ -35,7 +35,7 @@ def _is_training_form(name: str, module: nn.Module) -> bool:
     return isinstance(module, RewrittenLayer) and module.form == "training"
 
 
-def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
+def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None, example_kwargs=None,
          index_dtype: torch.dtype | str = torch.int64, fuse_batchnorm: bool = False,
          backend: str = "eager", custom_ops: bool = False) -> nn.Module:
     """The inference form of a transformed model; ``gm`` itself is not modified.
@@ -48,7 +48,9 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
             ``legofx.restore`` replays a fold this way); ``"auto"`` times every lowering of each layer on its input from
             ``example_inputs`` (required) and keeps the fastest. ``summary`` and ``report`` show
             the lowering of every layer.
-        example_inputs: a tensor or tuple of tensors the model takes (for ``"auto"``).
+        example_inputs: a tensor or tuple of the model's positional arguments (for ``"auto"``;
+            ``()`` for a model called with keywords only).
+        example_kwargs: a dict of its keyword arguments (for ``"auto"``).
         index_dtype: the Lego gather index's dtype: ``torch.int64`` (default) or any integer
             dtype that holds ``o*m - 1``, or ``"smallest"`` (uint8 when ``o*m <= 256``).
         fuse_batchnorm: fold every eval-mode ``BatchNorm2d`` that directly follows a folded
@@ -67,9 +69,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
         raise TypeError(f"fuse_batchnorm must be True or False, got fuse_batchnorm={fuse_batchnorm!r}")
     check_backend(backend, strategy, custom_ops)
     stored_records(gm)  # refuses models legofx did not make
-    if strategy == "auto" and example_inputs is None:
+    if strategy == "auto" and example_inputs is None and not example_kwargs:
         raise ValueError("strategy='auto' times each layer on its real input: pass "
-                         "example_inputs (a tensor or a tuple of tensors the model takes)")
+                         "example_inputs (a tensor or a tuple of the model's arguments) and/or "
+                         "example_kwargs")
     if index_dtype != "smallest":
         check_index_dtype(index_dtype, 0)
     check_strategy(strategy, {})  # a registered name, whatever the model holds
@@ -81,8 +84,10 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
                 if _is_training_form(name, module)}
     check_strategy(strategy, training)
     options = {"index_dtype": index_dtype}
-    args = as_input_tuple(example_inputs) if strategy == "auto" else ()
-    inputs = layer_inputs(gm, training, args) if strategy == "auto" else {}
+    kwargs = as_kwargs(example_kwargs) if strategy == "auto" else {}
+    args = as_args(() if example_inputs is None else example_inputs,
+                   allow_empty=bool(kwargs)) if strategy == "auto" else ()
+    inputs = layer_inputs(gm, training, args, kwargs) if strategy == "auto" else {}
     timed = (progress(training.items(), f"timing lowerings on {backend}", "layer")
              if strategy == "auto" and backend != "eager" else training.items())
     memo: dict = {}
@@ -92,8 +97,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
     folded = {name: layer for name, (layer, _) in lowered.items()}
     medians = {name: times for name, (_, times) in lowered.items() if times}
     variants = whole_model_variants(training, folded, medians, options)
-    if variants and (backend == "eager" or all(isinstance(a, torch.Tensor) for a in args)):
-        gm = _fastest_assembly(gm, variants, folded, args, backend, fuse_batchnorm)
+    if variants and (backend == "eager" or not kwargs and all(isinstance(a, torch.Tensor) for a in args)):
+        gm = _fastest_assembly(gm, variants, folded, args, backend, fuse_batchnorm, kwargs)
     else:
         gm = _assembled(gm, folded, fuse_batchnorm)
     unshare(gm, original)
@@ -106,14 +111,14 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None,
 
 def _fastest_assembly(gm: nn.Module, variants: dict[str, dict[str, nn.Module]],
                       folded: dict[str, nn.Module], args: tuple, backend: str,
-                      fuse_batchnorm: bool) -> nn.Module:
+                      fuse_batchnorm: bool, kwargs: dict) -> nn.Module:
     """A copy of ``gm`` assembled with each of ``variants`` (:func:`whole_model_variants`), the
     fastest on ``backend`` kept; its timed layers' lowerings say what the whole model took.
     Where the whole model cannot be timed there (it does not export...), the per-layer choice."""
     models = {key: _assembled(copy_model(gm, shared=_training_tensors(gm)), layers, fuse_batchnorm)
               for key, layers in variants.items()}
     try:
-        best, medians = choose_fastest_model(models, args, backend)
+        best, medians = choose_fastest_model(models, args, backend, example_kwargs=kwargs)
         note = "whole model: " + ", ".join(f"{key} {ms:.3g} ms" for key, ms in medians.items())
     except Exception as why:  # noqa: BLE001 - e.g. the whole model does not export
         best, note = "per layer", f"whole model not timed ({type(why).__name__}: {why}"[:200] + ")"
