@@ -12,9 +12,14 @@ module stays eager (its children are traced one by one, and checked the same way
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from legofx.core.modes import kept_modes
@@ -28,8 +33,28 @@ def _copied(value):
     return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
-def _run(module: nn.Module, call: Call):
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), kept_modes(module, training=False):
+_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_always_called")
+
+
+@contextmanager
+def _without_hooks(module: nn.Module) -> Iterator[None]:
+    """The model's own hooks (the user's, copied with the model) do not see probe runs."""
+    saved = [(m, store, m.__dict__[store]) for m in module.modules() for store in _HOOK_STORES
+             if store in m.__dict__]
+    try:
+        for m, store, _ in saved:
+            m.__dict__[store] = OrderedDict()
+        yield
+    finally:
+        for m, store, hooks in saved:
+            m.__dict__[store] = hooks
+
+
+def _run(module: nn.Module, call: Call, keep_hooks: bool = False):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), kept_modes(module, training=False), \
+            (nullcontext() if keep_hooks else _without_hooks(module)):
         torch.manual_seed(0)
         return module(*call[0], **call[1])
 
@@ -46,16 +71,26 @@ def record_calls(model: nn.Module, call: Call, keep) -> dict[str, Call]:
         if name is not None and name not in seen:
             seen[name] = (_copied(args), _copied(kwargs))
 
-    handles = [m.register_forward_pre_hook(record, with_kwargs=True)
-               for m in model.modules() if id(m) in names]
+    handles = []
     try:
-        _run(model, call)
+        with _without_hooks(model):
+            handles = [m.register_forward_pre_hook(record, with_kwargs=True)
+                       for m in model.modules() if id(m) in names]
+            _run(model, call, keep_hooks=True)
     except Exception:  # noqa: BLE001 - a probe the model does not take checks nothing
         return {}
     finally:
         for handle in handles:
             handle.remove()
     return seen
+
+
+def can_probe(model: nn.Module) -> str | None:
+    """Why ``model`` must not run a probe (``None``: it may): a lazy module would take its
+    shapes from the probe."""
+    if any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
+        return "the model has uninitialised lazy modules (run one forward pass first)"
+    return None
 
 
 def built_probe(model: nn.Module) -> Call | None:
@@ -67,7 +102,7 @@ def built_probe(model: nn.Module) -> Call | None:
     except (TypeError, ValueError):
         return None
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if len(required) != 1 or conv is None or conv.weight.is_meta:
+    if len(required) != 1 or conv is None or conv.weight.is_meta or is_lazy(conv.weight):
         return None
     like = {"dtype": conv.weight.dtype, "device": conv.weight.device}
     for size in PROBE_SIZES:

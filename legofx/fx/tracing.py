@@ -24,7 +24,7 @@ from torch.nn.parameter import is_lazy
 
 from legofx.core.layer import RewrittenLayer
 from legofx.fx.interface import CONTAINERS, OutputTypes, has_hooks, signature_problem
-from legofx.fx.probe import Call, built_probe, disagreement, record_calls
+from legofx.fx.probe import Call, built_probe, can_probe, disagreement, record_calls
 from legofx.fx.side_effects import computed_tensors, leaked_proxies, snapshot
 from legofx.fx.traced_module import SOURCE, traced_module
 
@@ -347,11 +347,13 @@ def trace_tree(model: nn.Module, example: Call | None = None) -> Scope:
                and isinstance(m.weight, Tensor) and not is_lazy(m.weight)]
     copied = copy_model(model, weights)
     context = TraceContext(copied)
-    call = example if example is not None else built_probe(copied)
+    refused = can_probe(copied)
+    call = None if refused else example if example is not None else built_probe(copied)
     if call is None:
-        context.unchecked = ("no example_inputs, and no input could be built for the model (one "
-                             "tensor for its first conv): traced graphs were not checked against "
-                             "eager execution; pass example_inputs to check them")
+        why = refused or ("no example_inputs, and no input could be built for the model (one "
+                          "tensor for its first conv)")
+        context.unchecked = (f"{why}: traced graphs were not checked against eager execution; "
+                             "pass example_inputs to check them")
     else:
         context.calls = record_calls(copied, call, lambda m: _contains_rewritable(m)
                                      and not isinstance(m, REWRITABLE_TYPES))
