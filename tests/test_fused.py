@@ -3,6 +3,7 @@
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -222,6 +223,36 @@ def test_fused_models_compile_without_graph_breaks_and_fine_tune():
     folded(x).square().mean().backward()
     grads = {name: p.grad for name, p in folded.named_parameters()}
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
+
+
+class Residual(nn.Module):
+    """ResNet's stem and two residual blocks: each sum feeds a conv and the next sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(5))
+
+    def forward(self, x):
+        y = F.max_pool2d(torch.relu(self.convs[0](x)), 3, 2, 1)
+        for first, second in (self.convs[1:3], self.convs[3:5]):
+            y = torch.relu(second(torch.relu(first(y))) + y)
+        return y
+
+
+def test_compiled_fused_models_write_activations_channels_last_without_copies():
+    """Inductor computes what a fused layer reads channels-last where it is computed: a view in
+    ``compute`` (the unbatched-input reshape written as unsqueeze + flatten) fixed a residual
+    sum as contiguous and added a channels-last copy of it per layer (issue 26)."""
+    from torch._inductor.utils import run_and_get_code
+
+    gm = legofx.transform(Residual().eval(), o=2, m=4).eval()
+    folded = legofx.fold(gm, "fused")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(folded), torch.randn(2, 8, 16, 16))
+    shapes = r"empty_strided_cpu\(\((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), "
+    buffers = re.findall(shapes, "\n".join(code))
+    assert buffers and all(int(channel_stride) == 1 for *_, channel_stride in buffers), buffers
 
 
 def test_fused_models_are_refused_by_the_tensorrt_op_check():
