@@ -41,6 +41,7 @@ class FusedLegoConv2d(FoldedLegoConv2d):
         if reason is not None:
             raise kernel.KernelUnavailable(f"strategy='fused' needs the legofx merge kernel: {reason}")
         super().__init__(trained, index_dtype)
+        self.lego = kernel.WatchedFilters(self.lego.detach(), self.lego.requires_grad)
         self.relu = False
 
     def compute(self, x, attr, stage):
