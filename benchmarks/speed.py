@@ -6,6 +6,8 @@
     python benchmarks/speed.py --breakdown           # eager time per op group (profiler)
     python benchmarks/speed.py --layers              # every rewritten conv alone: original vs fused
     python benchmarks/speed.py --device cuda --backends eager inductor tensorrt   # on a GPU
+    python benchmarks/speed.py --models resnet18 vgg16 --backends inductor --variants "lego fused"
+    python benchmarks/speed.py --against main --models resnet18 --rounds 15   # A/B (against.py)
 
 For each torchvision model (random weights, 224x224, float32, CPU) the original, the
 original with its conv-BatchNorm pairs fused (models with BatchNorm), and the folded Lego
@@ -57,6 +59,8 @@ from legofx.deploy.onnx_runtime import TAKING_TURNS
 from legofx.core.progress import progress
 from legofx.report import measure_macs
 from legofx.core.timing import interleaved_times
+
+from against import load
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = {"resnet18": 8, "vgg16": 4, "resnet50": 8, "mobilenet_v2": 8}
@@ -147,36 +151,48 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
-def variants(name: str, o: int, m: float, x: torch.Tensor) -> tuple[dict, dict]:
+def variants(name: str, o: int, m: float, x: torch.Tensor,
+             wanted: list[str] | None = None) -> tuple[dict, dict]:
     """The models timed for ``name``: the original; with BatchNorms, the original with every
     conv-BN pair fused (``torch.fx.experimental.optimization.fuse``, the fair baseline for
     the Lego models that fold their BatchNorms too); Lego folded as ``gather`` and as
-    ``accumulate`` everywhere, ``auto``, and ``auto`` with ``fuse_batchnorm=True``."""
+    ``accumulate`` everywhere, ``auto``, and ``auto`` with ``fuse_batchnorm=True``.
+    ``wanted``: only these (``--variants``; the original is always timed, the baseline)."""
     from torch.fx.experimental.optimization import fuse
+
+    def keep(variant: str) -> bool:
+        return wanted is None or variant in wanted
 
     original = build(name, x.device.type)
     gm = legofx.transform(original, o=o, m=m).eval()
     models = {"original": original}
-    if has_batchnorm(original):
+    if has_batchnorm(original) and keep("original, BN fused"):
         models["original, BN fused"] = fuse(original).eval()
-    models["lego gather"] = legofx.fold(gm)
-    models["lego accumulate"] = legofx.fold(gm, "accumulate")
-    models["lego auto"] = legofx.fold(gm, "auto", example_inputs=x)
-    if has_batchnorm(original):
+    gather = models["lego gather"] = legofx.fold(gm)  # LegoNet's MACs: the theory
+    if keep("lego accumulate"):
+        models["lego accumulate"] = legofx.fold(gm, "accumulate")
+    if keep("lego auto"):
+        models["lego auto"] = legofx.fold(gm, "auto", example_inputs=x)
+    if has_batchnorm(original) and keep("lego auto, BN fused"):
         models["lego auto, BN fused"] = legofx.fold(gm, "auto", example_inputs=x,
                                                     fuse_batchnorm=True)
     if x.device.type == "cpu" and merge_kernel.available() is None:
         for strategy in FUSED:
-            models[f"lego {strategy}"] = legofx.fold(gm, strategy, fuse_batchnorm=has_batchnorm(original))
+            if keep(f"lego {strategy}"):
+                models[f"lego {strategy}"] = legofx.fold(gm, strategy,
+                                                         fuse_batchnorm=has_batchnorm(original))
     macs = {variant: measure_macs(model, x[:1])[1:] for variant, model in models.items()
             if variant.startswith("lego")}
     base = macs["lego gather"][0]  # the original's MACs (BN fusion does not change them)
     macs = {"original": base, "original, BN fused": base,
             **{variant: after for variant, (_, after) in macs.items()}}
+    if not keep("lego gather"):
+        del models["lego gather"]
+    auto = models.get("lego auto")
     info = {"macs": base, "theory": {variant: base / after for variant, after in macs.items()},
-            "auto_choices": choices(models["lego auto"]), "gm": gm,
-            "rewritten": sum(r.rewritten for r in legofx.summary(models["lego auto"])),
-            "layers": layers(models.get("lego auto, BN fused", models["lego auto"]))}
+            "auto_choices": "" if auto is None else choices(auto), "gm": gm,
+            "rewritten": sum(r.rewritten for r in legofx.summary(gather)),
+            "layers": layers(models.get("lego auto, BN fused", auto or gather)), "wanted": wanted}
     return models, info
 
 
@@ -192,9 +208,9 @@ def layers(model: torch.nn.Module) -> list[dict]:
 
 def timed_on_backend(models: dict, info: dict, backend: str, x: torch.Tensor) -> dict:
     """``models`` plus "lego auto on backend": the lowerings timed compiled for ``backend``."""
-    if backend == "eager":
+    if backend == "eager" or info["wanted"] is not None and "lego auto on backend" not in info["wanted"]:
         return models
-    fused = "original, BN fused" in models
+    fused = has_batchnorm(models["original"])
     model = legofx.fold(info["gm"], "auto", example_inputs=x, backend=backend, fuse_batchnorm=fused)
     info["theory"]["lego auto on backend"] = info["macs"] / measure_macs(model, x[:1])[2]
     info[f"auto_choices {backend}"] = choices(model)
@@ -214,14 +230,14 @@ class ChannelsLast(torch.nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
+def on_backend(models: dict, backend: str, x: torch.Tensor, wanted: list[str] | None = None) -> dict:
     """``models`` as they run on ``backend``; in eager mode on a CPU also the original and the
     fused Lego model channels-last (inductor makes its convolutions channels-last itself)."""
     if backend == "eager":
         if x.device.type == "cpu":
             extra = {f"{name}, channels-last": ChannelsLast(models[name])
                      for name in ("original", "original, BN fused", *(f"lego {s}" for s in FUSED))
-                     if name in models}
+                     if name in models and (wanted is None or f"{name}, channels-last" in wanted)}
             models = {**models, **extra}
         return models
     if backend in EXPORTED:  # the fused lowerings' custom op does not export
@@ -231,12 +247,12 @@ def on_backend(models: dict, backend: str, x: torch.Tensor) -> dict:
 
 
 def run_model(name: str, backends: list[str], rounds: int, o: int = 2, m: float = 0.5,
-              device: str = "cpu") -> list[dict]:
+              device: str = "cpu", wanted: list[str] | None = None) -> list[dict]:
     x = torch.randn(BATCH.get(name, 8), 3, 224, 224, device=device)
-    models, info = variants(name, o, m, x)
+    models, info = variants(name, o, m, x, wanted)
     rows = []
     for backend in backends:
-        compiled = on_backend(timed_on_backend(models, info, backend, x), backend, x)
+        compiled = on_backend(timed_on_backend(models, info, backend, x), backend, x, wanted)
         times = interleaved_times(compiled, x, rounds=rounds, warmup=2)
         base = statistics.median(times["original"])
         fused = statistics.median(times.get("original, BN fused", times["original"]))
@@ -455,11 +471,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="every rewritten conv alone, original vs fused (eager, CPU)")
     parser.add_argument("--breakdown", action="store_true",
                         help="eager time per op group (torch.profiler) instead of latency")
+    parser.add_argument("--variants", nargs="+", metavar="VARIANT",
+                        help="time only these (the original always): e.g. 'lego fused' "
+                             "'original, BN fused'; with --against: original and 'lego STRATEGY'")
+    parser.add_argument("--against", metavar="REV", nargs="+",
+                        help="A/B this checkout against git revisions or checkout directories, "
+                             "each in its own process, taking turns round by round "
+                             "(benchmarks/against.py; default --variants original 'lego fused', "
+                             "--backends inductor)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, here %d)" % torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    backends_given = args.backends is not None
     if args.backends is None:
         args.backends = [b for b in DEVICE_BACKENDS[device] if b != "tensorrt"]
     wrong = [b for b in args.backends if b not in DEVICE_BACKENDS[device]]
@@ -470,6 +499,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--memory, --breakdown and --layers measure CPU memory and CPU time: "
                      f"drop --device {device}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.against:
+        from against import against
+
+        args.threads = torch.get_num_threads()
+        args.o, args.m = 2, 0.5
+        args.variants = args.variants or ["original", "lego fused"]
+        args.variants = list(dict.fromkeys(["original", *args.variants]))
+        args.backends = args.backends if backends_given else ["inductor"]
+        if device != "cpu" or set(args.backends) - {"eager", "inductor"}:
+            parser.error("--against times on the CPU, with --backends eager and/or inductor")
+        against(args, args.models, BATCH, args.out)
+        return 0
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     if args.memory:
@@ -489,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"speed_sweep{suffix(device)}.json").write_text(
             json.dumps({**meta, "rows": rows}, indent=1))
         return 0
-    rows = []
+    rows, meta["load_before"] = [], load()
     for name in args.models:
-        rows += run_model(name, args.backends, args.rounds, device=device)
+        rows += run_model(name, args.backends, args.rounds, device=device, wanted=args.variants)
+    meta["load_after"] = load()
     print("\n" + table(rows))
+    print(f"load average (1, 5, 15 min) before: {meta['load_before']}, after: {meta['load_after']}")
     path = args.out / f"speed{suffix(device)}.json"
     path.write_text(json.dumps({**meta, "rows": kept_rows(path, rows) + rows}, indent=1))
     return 0

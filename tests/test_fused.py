@@ -3,6 +3,8 @@
 
 import copy
 import os
+import pickle
+import re
 
 import pytest
 import torch
@@ -224,6 +226,36 @@ def test_fused_models_compile_without_graph_breaks_and_fine_tune():
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
 
 
+class Residual(nn.Module):
+    """ResNet's stem and two residual blocks: each sum feeds a conv and the next sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(5))
+
+    def forward(self, x):
+        y = F.max_pool2d(torch.relu(self.convs[0](x)), 3, 2, 1)
+        for first, second in (self.convs[1:3], self.convs[3:5]):
+            y = torch.relu(second(torch.relu(first(y))) + y)
+        return y
+
+
+def test_compiled_fused_models_write_activations_channels_last_without_copies():
+    """Inductor computes what a fused layer reads channels-last where it is computed: a view in
+    ``compute`` (the unbatched-input reshape written as unsqueeze + flatten) fixed a residual
+    sum as contiguous and added a channels-last copy of it per layer (issue 26)."""
+    from torch._inductor.utils import run_and_get_code
+
+    gm = legofx.transform(Residual().eval(), o=2, m=4).eval()
+    folded = legofx.fold(gm, "fused")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(folded), torch.randn(2, 8, 16, 16))
+    shapes = r"empty_strided_cpu\(\((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), "
+    buffers = re.findall(shapes, "\n".join(code))
+    assert buffers and all(int(channel_stride) == 1 for *_, channel_stride in buffers), buffers
+
+
 def test_fused_models_are_refused_by_the_tensorrt_op_check():
     folded = legofx.fold(trained_block(nn.ReLU()), "fused")
     report = legofx.check_ops(folded, torch.randn(1, 8, 8, 8))
@@ -336,3 +368,44 @@ def test_writes_through_data_are_seen_by_the_kept_repeated_filters(write):
                 p.data.mul_(0.9).add_(torch.randn_like(p), alpha=0.1)
         fresh = copy.deepcopy(folded)  # new tensors: repeated afresh from the written values
         assert relative_error(folded(x), fresh(x)) <= tolerance(torch.float64)
+
+
+@pytest.mark.parametrize("write", ["lego.data.mul_", "EMA through lego.data", "lego.mul_",
+                                   "lego.data = ", "load_state_dict", ".double() then lego.data"])
+def test_writes_to_the_fused_filters_are_seen_without_comparing_them_per_call(write, monkeypatch):
+    """The fused layer's filters are WatchedFilters: every way of writing them bumps what the
+    kept repeated filters are keyed on, so the per-call path never compares values."""
+    folded = legofx.fold(trained_block(nn.ReLU()).float(), "fused")
+    x = torch.randn(2, 8, 9, 9)
+    layer = folded.get_submodule("conv1")
+    compares = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda *a: compares.append(a) or real_equal(*a))
+    with torch.no_grad():
+        folded(x)  # the repeated filters are kept now
+        if write == ".double() then lego.data":
+            folded, x = folded.double(), x.double()
+            folded(x)
+        before = folded(x)
+        if write == "lego.data.mul_" or write == ".double() then lego.data":
+            layer.lego.data.mul_(0.5)
+        elif write == "EMA through lego.data":
+            layer.lego.data.mul_(0.9).add_(torch.randn_like(layer.lego), alpha=0.1)
+        elif write == "lego.mul_":
+            layer.lego.mul_(0.5)
+        elif write == "lego.data = ":
+            layer.lego.data = layer.lego.detach() * 0.5
+        else:
+            folded.load_state_dict({**folded.state_dict(), "conv1.lego": layer.lego * 0.5})
+        assert isinstance(layer.lego, merge_kernel.WatchedFilters)
+        fresh = copy.deepcopy(folded)  # new tensors: repeated afresh from the written values
+        assert relative_error(folded(x), fresh(x)) <= tolerance(x.dtype)
+        assert relative_error(folded(x), before) > 0.01
+    assert not compares
+
+
+def test_watched_filters_stay_watched_through_pickling():
+    folded = legofx.fold(trained_block(nn.ReLU()), "fused")
+    again = pickle.loads(pickle.dumps(folded))
+    assert isinstance(again.get_submodule("conv1").lego, merge_kernel.WatchedFilters)
+    assert torch.equal(again.get_submodule("conv1").lego, folded.get_submodule("conv1").lego)

@@ -48,15 +48,16 @@ def reference_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, b
 
 def _check_arguments(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: Tensor | None,
                      stride, padding, dilation) -> None:
-    """Refuse arguments that disagree (shapes, dtypes, devices, index range) before any of them
-    reaches the C kernel, which would read out of bounds: one error naming the argument."""
+    """Refuse arguments that disagree (shapes, dtypes, devices) before any of them reaches the C
+    kernel, which would read out of bounds: one error naming the argument. Metadata only, no
+    tensor ops: it runs on every call (the index range: :func:`_check_index_range`)."""
     def refuse(message: str):
         raise ValueError(f"lego_conv_merge: {message}")
 
     if x.dim() != 4 or lego.dim() != 4 or coef.dim() != 2:
         refuse(f"x and lego must be 4-D and coef 2-D (n, o), got x {tuple(x.shape)}, "
                f"lego {tuple(lego.shape)}, coef {tuple(coef.shape)}")
-    (n, o), m = coef.shape, lego.shape[0]
+    n, o = coef.shape
     if x.shape[1] != o * lego.shape[1]:
         refuse(f"x has {x.shape[1]} channels, o * lego.shape[1] = {o} * {lego.shape[1]} expected")
     if index.dim() != 1 or index.numel() != n * o or index.is_floating_point() or index.is_complex():
@@ -78,6 +79,11 @@ def _check_arguments(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias:
                                 ("dilation", dilation, 1)):
         if len(values) != 2 or any(v < least for v in values):
             refuse(f"{name} must be 2 ints >= {least}, got {name}={list(values)}")
+
+
+def _check_index_range(index: Tensor, n: int, o: int, m: int) -> None:
+    """On the PyTorch path: each entry picks one of its fragment's maps (the C kernel checks this
+    itself, in the loop that reads the index anyway, so its path pays no tensor ops for it)."""
     low = torch.arange(o, device=index.device).repeat(n) * m
     if n * o and bool(((index < low) | (index >= low + m)).any()):
         raise IndexError(f"lego_conv_merge: index[j*o + i] must pick one of fragment i's {m} "
@@ -133,6 +139,7 @@ def lego_conv_merge(x: Tensor, lego: Tensor, index: Tensor, coef: Tensor, bias: 
     _check_arguments(x, lego, index, coef, bias, stride, padding, dilation)
     n, o = coef.shape
     if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
+        _check_index_range(index, n, o, lego.shape[0])
         out = reference_conv_merge(x, lego, index, coef, bias, stride, padding, dilation, relu)
         return out.contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -41,13 +41,18 @@ class FusedLegoConv2d(FoldedLegoConv2d):
         if reason is not None:
             raise kernel.KernelUnavailable(f"strategy='fused' needs the legofx merge kernel: {reason}")
         super().__init__(trained, index_dtype)
+        self.lego = kernel.WatchedFilters(self.lego.detach(), self.lego.requires_grad)
         self.relu = False
 
     def compute(self, x, attr, stage):
         with stage("pad"):
             x, padding = padded(x, self.geometry, conv_pads="symmetric")
         with stage("lego_conv_merge"):  # an unbatched (c, H, W) input runs as a batch of one
-            batched = x.unsqueeze(0).flatten(0, -4).contiguous(memory_format=torch.channels_last)
+            # reshape, not unsqueeze + flatten: a batched input's reshape to its own size is no
+            # view at all for inductor, which then still writes it channels-last where it is
+            # computed; a view would fix its producer's layout as contiguous and add a copy
+            # (docs/performance.md)
+            batched = x.reshape((-1,) + x.shape[-3:]).contiguous(memory_format=torch.channels_last)
             out = torch.ops.legofx.lego_conv_merge.default(
                 batched, attr("lego"), self._index(attr), attr("coef"), attr("bias"),
                 list(self.stride), padding, list(self.dilation), self.relu)
