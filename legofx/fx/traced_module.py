@@ -93,8 +93,9 @@ def needs_eager(traced: fx.GraphModule) -> bool:
 
 def _dispatching(graph_forward):
     """``forward`` of a traced module: ``graph_forward``, or the source's eager ``forward``
-    while hooks or replaced forwards need the modules to be called (see the module docstring). It has the graph's
-    signature (``inspect.signature``, which ``torch.export`` reads, follows ``__wrapped__``)."""
+    while hooks or replaced forwards need the modules to be called (see the module docstring).
+    It has the graph's signature (``inspect.signature``, which ``torch.export`` reads, follows
+    ``__wrapped__``)."""
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
         if needs_eager(self):
