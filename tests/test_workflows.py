@@ -107,6 +107,7 @@ MODELS = {
     "eager root": lambda: legofx.transform(KeywordNet(), o=2, m=0.5),
     "structured": lambda: legofx.structure(resnet(), c=0.5, n=2),
     "folded": lambda: legofx.fold(legofx.transform(resnet(), o=2, m=0.5).eval(), fuse_batchnorm=True),
+    "fused": lambda: legofx.fold(legofx.transform(resnet(), o=2, m=0.5).eval(), "fused"),
 }
 
 

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _module_globals
@@ -148,13 +150,13 @@ class TracedModule(fx.GraphModule):
     def __reduce_ex__(self, protocol):
         """Pickle as its source's class, tree, graph and attributes (see the module docstring)."""
         state = {key: value for key, value in self.__dict__.items() if key not in _COMPILED}
-        graph = copy.deepcopy(self.graph)  # a graph without its owning module
+        graph = _with_targets(self.graph, _OperatorName.of)  # no owning module, ops by name
         return (_new_traced, (type(self.__dict__[SOURCE]),),
                 {"source": self.__dict__[SOURCE], "graph": graph, "state": state})
 
     def __setstate__(self, saved: dict) -> None:
-        source = saved["source"]
-        _adopt(self, fx.GraphModule(source, saved["graph"], type(source).__name__), source)
+        source, graph = saved["source"], _with_targets(saved["graph"], _OperatorName.resolved)
+        _adopt(self, fx.GraphModule(source, graph, type(source).__name__), source)
         self.__dict__.update(saved["state"])
         self.__dict__[INLINED] = _inlined_modules(self)
 
@@ -179,6 +181,42 @@ def traced_class(source_type: type) -> type:
                 kind = TracedModule
         _CLASSES[source_type] = kind
     return _CLASSES[source_type]
+
+
+@dataclass(frozen=True)
+class _OperatorName:
+    """A ``torch.ops`` operator overload by name (``legofx::lego_conv_merge.default``), for
+    pickling: the operator objects themselves do not pickle."""
+
+    name: str
+
+    def __call__(self, *args, **kwargs):  # a call_function target must be callable
+        return _OperatorName.resolved(self)(*args, **kwargs)
+
+    @staticmethod
+    def of(target):
+        return _OperatorName(target.name()) if isinstance(target, torch._ops.OpOverload) else target
+
+    @staticmethod
+    def resolved(target):
+        if not isinstance(target, _OperatorName):
+            return target
+        namespace, rest = target.name.split("::")
+        op, _, overload = rest.partition(".")
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+
+
+def _with_targets(graph: fx.Graph, change) -> fx.Graph:
+    """A copy of ``graph`` (owned by no module) with every node's target passed through
+    ``change``; names, types and meta kept."""
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    new._codegen = copy.deepcopy(graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        env[node] = new.create_node(node.op, change(node.target), args, kwargs, node.name, node.type)
+        env[node].meta = copy.copy(node.meta)
+    return new
 
 
 def _new_traced(source_type: type) -> TracedModule:
