@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import types
 from dataclasses import dataclass
 
 import torch
@@ -150,12 +152,12 @@ class TracedModule(fx.GraphModule):
     def __reduce_ex__(self, protocol):
         """Pickle as its source's class, tree, graph and attributes (see the module docstring)."""
         state = {key: value for key, value in self.__dict__.items() if key not in _COMPILED}
-        graph = _with_targets(self.graph, _OperatorName.of)  # no owning module, ops by name
+        graph = _with_targets(self.graph, _TargetName.of)  # no owning module, ops by name
         return (_new_traced, (type(self.__dict__[SOURCE]),),
                 {"source": self.__dict__[SOURCE], "graph": graph, "state": state})
 
     def __setstate__(self, saved: dict) -> None:
-        source, graph = saved["source"], _with_targets(saved["graph"], _OperatorName.resolved)
+        source, graph = saved["source"], _with_targets(saved["graph"], _TargetName.resolved)
         _adopt(self, fx.GraphModule(source, graph, type(source).__name__), source)
         self.__dict__.update(saved["state"])
         self.__dict__[INLINED] = _inlined_modules(self)
@@ -184,36 +186,49 @@ def traced_class(source_type: type) -> type:
 
 
 @dataclass(frozen=True)
-class _OperatorName:
-    """A ``torch.ops`` operator overload by name (``legofx::lego_conv_merge.default``), for
-    pickling: the operator objects themselves do not pickle."""
+class _TargetName:
+    """A graph target or constant argument that does not pickle, by name: a ``torch.ops``
+    operator overload (``legofx::lego_conv_merge.default``), a function bound to a module
+    object (``torch._C._nn.pad``) or a ``torch.memory_format``, which pickle protocol 2
+    (``torch.save``'s) cannot name."""
 
+    module: str  # "" for an operator
     name: str
 
     def __call__(self, *args, **kwargs):  # a call_function target must be callable
-        return _OperatorName.resolved(self)(*args, **kwargs)
+        return _TargetName.resolved(self)(*args, **kwargs)
 
     @staticmethod
     def of(target):
-        return _OperatorName(target.name()) if isinstance(target, torch._ops.OpOverload) else target
+        if isinstance(target, torch.memory_format):  # an argument protocol 2 cannot pickle
+            return _TargetName("torch", str(target).removeprefix("torch."))
+        if isinstance(target, torch._ops.OpOverload):
+            return _TargetName("", target.name())
+        owner = getattr(target, "__self__", None)
+        if isinstance(owner, types.ModuleType):
+            return _TargetName(owner.__name__, target.__name__)
+        return target
 
     @staticmethod
     def resolved(target):
-        if not isinstance(target, _OperatorName):
+        if not isinstance(target, _TargetName):
             return target
+        if target.module:
+            return getattr(importlib.import_module(target.module), target.name)
         namespace, rest = target.name.split("::")
         op, _, overload = rest.partition(".")
         return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
 
 
 def _with_targets(graph: fx.Graph, change) -> fx.Graph:
-    """A copy of ``graph`` (owned by no module) with every node's target passed through
-    ``change``; names, types and meta kept."""
+    """A copy of ``graph`` (owned by no module) with every node's target and constant argument
+    passed through ``change``; names, types and meta kept."""
     new = fx.Graph(tracer_cls=graph._tracer_cls)
     new._codegen = copy.deepcopy(graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        args, kwargs = fx.node.map_aggregate(
+            (node.args, node.kwargs), lambda a: env[a] if isinstance(a, fx.Node) else change(a))
         env[node] = new.create_node(node.op, change(node.target), args, kwargs, node.name, node.type)
         env[node].meta = copy.copy(node.meta)
     return new
