@@ -122,7 +122,7 @@ def ultralytics_cases() -> list[Case]:
     for name, cfg in (("yolov10n", "yolov10n.yaml"), ("yolo12n", "yolo12n.yaml"),
                       ("rtdetr-l", "rtdetr-l.yaml")):
         cases.append(Case(f"ultralytics:{name}", "ultralytics", _ultralytics(cfg),
-                          [((x,), {})], ((x,), {}), double=name != "rtdetr-l"))
+                          [((x,), {})], ((x,), {})))
     return cases
 
 
@@ -305,10 +305,10 @@ def torchvision_cases() -> list[Case]:
         kwargs = {"aux_loss": False} if name != "lraspp_mobilenet_v3_large" else {}
         cases.append(Case(f"torchvision:{name}", "torchvision",
                           _torchvision("segmentation", name, **kwargs), [((x,), {})], ((x,), {})))
-    first, second = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1  # [-1, 1]
+    first, second = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1  # [-1, 1]; RAFT needs >= 128
     cases.append(Case("torchvision:raft_small", "torchvision", _raft,
                       [((first, second), {}), ((first, second), {"num_flow_updates": 2})],
-                      ((first, second), {"num_flow_updates": 4})))
+                      ((first, second), {"num_flow_updates": 4}), double=False))  # float32 grids inside
     return cases
 
 
