@@ -4,11 +4,15 @@
     python benchmarks/real_models.py --library transformers smp
     python benchmarks/real_models.py --models hf:ResNetForImageClassification
     python benchmarks/real_models.py --report             # re-print the saved summary
+    python benchmarks/real_models.py --report --per-model --library monai   # one row per model
 
-Models of ultralytics, transformers, diffusers, segmentation_models_pytorch and torchvision
-(detection and segmentation) are built from their own configs with random weights (nothing is
-downloaded) and called the way each library calls them (keywords, ``labels=``, lists of
-images, targets in train mode). Per model:
+Models of ultralytics (YOLOv8/11/10/12, RT-DETR), transformers, diffusers,
+segmentation_models_pytorch, torchvision (detection, segmentation, RAFT), MONAI (``--library
+monai``), kornia (``kornia``), segment-anything (``sam``), spandrel (``spandrel``) and open_clip
+(``open_clip``) are built from their own configs with random weights (nothing is downloaded)
+and called the way each library calls them (keywords, ``labels=``, dicts, lists of images or
+prompts, targets in train mode). A library that is not installed is reported as skipped, with
+its pip command. Per model:
 
 - transform time; convs found / rewritten / skipped, with reasons; eligible convs (every conv
   but grouped ones, ``in_channels % o != 0``, ``m > n``, never called, frozen weights);
@@ -671,7 +675,8 @@ def save(results: list[Result]) -> list[Result]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", nargs="*", choices=sorted(LIBRARIES), default=None)
-    parser.add_argument("--models", nargs="*", default=None, help="model names, e.g. hf:ResNetModel")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="model names, e.g. hf:ResNetModel (with --library: these too)")
     parser.add_argument("--export", action="store_true", help="also export to ONNX (slow)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--report", action="store_true", help="print the saved summary")
@@ -687,9 +692,12 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.filterwarnings("ignore")
-    cases = [case for library in (args.library or LIBRARIES) for case in LIBRARIES[library]()]
-    if args.models:
-        cases = [case for case in cases if case.name in args.models]
+    every = [case for library in LIBRARIES for case in LIBRARIES[library]()]
+    if args.library is None and args.models is None:
+        cases = every
+    else:  # the libraries' models and the models named
+        cases = [case for case in every
+                 if case.library in (args.library or ()) or case.name in (args.models or ())]
     results = []
     signal.signal(signal.SIGALRM, _alarm)
     for index, case in enumerate(cases, 1):
