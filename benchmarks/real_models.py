@@ -4,11 +4,15 @@
     python benchmarks/real_models.py --library transformers smp
     python benchmarks/real_models.py --models hf:ResNetForImageClassification
     python benchmarks/real_models.py --report             # re-print the saved summary
+    python benchmarks/real_models.py --report --per-model --library monai   # one row per model
 
-Models of ultralytics, transformers, diffusers, segmentation_models_pytorch and torchvision
-(detection and segmentation) are built from their own configs with random weights (nothing is
-downloaded) and called the way each library calls them (keywords, ``labels=``, lists of
-images, targets in train mode). Per model:
+Models of ultralytics (YOLOv8/11/10/12, RT-DETR), transformers, diffusers,
+segmentation_models_pytorch, torchvision (detection, segmentation, RAFT), MONAI (``--library
+monai``), kornia (``kornia``), segment-anything (``sam``), spandrel (``spandrel``) and open_clip
+(``open_clip``) are built from their own configs with random weights (nothing is downloaded)
+and called the way each library calls them (keywords, ``labels=``, dicts, lists of images or
+prompts, targets in train mode). A library that is not installed is reported as skipped, with
+its pip command. Per model:
 
 - transform time; convs found / rewritten / skipped, with reasons; eligible convs (every conv
   but grouped ones, ``in_channels % o != 0``, ``m > n``, never called, frozen weights);
@@ -32,6 +36,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -102,9 +108,9 @@ class Result:
 
 def _ultralytics(cfg):
     def build():
-        from ultralytics import YOLO
+        from ultralytics import RTDETR, YOLO
 
-        return YOLO(cfg).model
+        return (RTDETR if cfg.startswith("rtdetr") else YOLO)(cfg).model
     return build
 
 
@@ -116,6 +122,11 @@ def ultralytics_cases() -> list[Case]:
             x = torch.randn(2, 3, 64, 64)
             cases.append(Case(f"ultralytics:{family}{task}", "ultralytics", _ultralytics(cfg),
                               [((x,), {})], ((x,), {})))
+    x = torch.randn(2, 3, 64, 64)
+    for name, cfg in (("yolov10n", "yolov10n.yaml"), ("yolo12n", "yolo12n.yaml"),
+                      ("rtdetr-l", "rtdetr-l.yaml")):
+        cases.append(Case(f"ultralytics:{name}", "ultralytics", _ultralytics(cfg),
+                          [((x,), {})], ((x,), {})))
     return cases
 
 
@@ -298,11 +309,162 @@ def torchvision_cases() -> list[Case]:
         kwargs = {"aux_loss": False} if name != "lraspp_mobilenet_v3_large" else {}
         cases.append(Case(f"torchvision:{name}", "torchvision",
                           _torchvision("segmentation", name, **kwargs), [((x,), {})], ((x,), {})))
+    first, second = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1  # [-1, 1]; RAFT needs >= 128
+    cases.append(Case("torchvision:raft_small", "torchvision", _raft,
+                      [((first, second), {}), ((first, second), {"num_flow_updates": 2})],
+                      ((first, second), {"num_flow_updates": 4}), double=False))  # float32 grids inside
     return cases
 
 
+def _raft():
+    from torchvision.models.optical_flow import raft_small
+
+    return raft_small(weights=None)
+
+
+# -- MONAI: 2-D networks (LegoNet rewrites Conv2d), the deep-supervision head in train mode --
+
+
+def _monai(cls_name, **config):
+    def build():
+        import monai.networks.nets as nets
+
+        return getattr(nets, cls_name)(**config)
+    return build
+
+
+def monai_cases() -> list[Case]:
+    x = torch.randn(2, 1, 32, 32)
+    common = dict(spatial_dims=2, in_channels=1, out_channels=2)
+    models = {
+        "UNet": dict(common, channels=(8, 16, 32), strides=(2, 2), num_res_units=1),
+        "BasicUNet": dict(common, features=(8, 8, 16, 16, 32, 8)),
+        "DynUNet": dict(common, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                        upsample_kernel_size=[2, 2], filters=[8, 16, 32],
+                        deep_supervision=True, deep_supr_num=1),
+        "AttentionUnet": dict(common, channels=(8, 16, 32), strides=(2, 2)),
+    }
+    return [Case(f"monai:{name}", "monai", _monai(name, **config), [((x,), {})], ((x,), {}))
+            for name, config in models.items()]
+
+
+# -- kornia: local features; DISK and LoFTR are inference-only in kornia (no train call) --------
+
+
+def _hardnet():
+    from kornia.feature import HardNet
+
+    return HardNet(pretrained=False)
+
+
+def _disk():
+    from kornia.feature import DISK
+
+    return DISK()
+
+
+def _loftr():
+    from kornia.feature import LoFTR
+    from kornia.feature.loftr.loftr import default_cfg
+
+    config = copy.deepcopy(default_cfg)
+    config["match_coarse"]["thr"] = 0.0  # random weights: no coarse match above 0.2, nothing to check
+    return LoFTR(pretrained=None, config=config)
+
+
+def kornia_cases() -> list[Case]:
+    generator = torch.Generator().manual_seed(0)  # outputs of DISK / LoFTR: value-dependent sizes
+    patches = torch.rand(4, 1, 32, 32, generator=generator)
+    image = torch.rand(1, 3, 64, 64, generator=generator)
+    gray = torch.rand(1, 1, 64, 64, generator=generator)
+    pair = {"image0": gray, "image1": (gray + 0.05 * torch.rand(1, 1, 64, 64, generator=generator)).clamp(0, 1)}
+    return [
+        Case("kornia:HardNet", "kornia", _hardnet, [((patches,), {})], ((patches,), {})),
+        Case("kornia:DISK", "kornia", _disk,
+             [((image,), {"n": 32}), ((image,), {}),
+              ((image,), {"n": 16, "window_size": 3, "score_threshold": 0.0,
+                          "pad_if_not_divisible": True})]),
+        Case("kornia:LoFTR", "kornia", _loftr, [((pair,), {})]),
+    ]
+
+
+# -- segment-anything: a small SAM from its own classes; forward is inference-only -------------
+
+
+def _sam():
+    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                           TwoWayTransformer)
+
+    size, dim = 64, 32
+    return Sam(
+        image_encoder=ImageEncoderViT(img_size=size, patch_size=16, embed_dim=dim, depth=2,
+                                      num_heads=2, out_chans=dim, use_rel_pos=True, window_size=2,
+                                      global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // 16, size // 16),
+                                     input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(transformer_dim=dim, transformer=TwoWayTransformer(
+            depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2), num_multimask_outputs=3,
+            iou_head_depth=3, iou_head_hidden_dim=32))
+
+
+def sam_cases() -> list[Case]:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 64, 48, generator=generator) * 255  # SAM pads it to 64 x 64 itself
+    prompts = {"image": image, "original_size": (128, 96),
+               "point_coords": torch.tensor([[[10.0, 20.0], [30.0, 40.0]]]),
+               "point_labels": torch.tensor([[1, 0]]),
+               "boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]),
+               "mask_inputs": torch.randn(1, 1, 16, 16, generator=generator)}
+    points = {k: prompts[k] for k in ("image", "original_size", "point_coords", "point_labels")}
+    return [Case("sam:small", "sam", _sam,  # float32: its prompt encoder casts coordinates to float
+                 [(([prompts],), {"multimask_output": True}),
+                  (([points, prompts],), {"multimask_output": False})], double=False)]
+
+
+# -- spandrel: its ESRGAN architecture (RRDBNet) ------------------------------------------------
+
+
+def _rrdbnet():
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
+
+    return RRDBNet(in_nc=3, out_nc=3, num_filters=16, num_blocks=2, scale=4)
+
+
+def spandrel_cases() -> list[Case]:
+    x = torch.rand(1, 3, 16, 16)
+    return [Case("spandrel:RRDBNet", "spandrel", _rrdbnet, [((x,), {})], ((x,), {}))]
+
+
+# -- open_clip: RN50 with random weights (image size 64 to keep it small), image and text -------
+
+
+def _open_clip(name):
+    def build():
+        import open_clip
+
+        return open_clip.create_model(name, pretrained=None, force_image_size=64)
+    return build
+
+
+def open_clip_cases() -> list[Case]:
+    image = torch.randn(2, 3, 64, 64)
+    text = torch.randint(1, 49407, (2, 77))
+    return [Case("open_clip:RN50", "open_clip", _open_clip("RN50"),
+                 [((image, text), {}), ((image,), {}), ((), {"image": image, "text": text})],
+                 ((image, text), {}), double=False)]
+
+
 LIBRARIES = {"ultralytics": ultralytics_cases, "transformers": transformers_cases,
-             "diffusers": diffusers_cases, "smp": smp_cases, "torchvision": torchvision_cases}
+             "diffusers": diffusers_cases, "smp": smp_cases, "torchvision": torchvision_cases,
+             "monai": monai_cases, "kornia": kornia_cases, "sam": sam_cases,
+             "spandrel": spandrel_cases, "open_clip": open_clip_cases}
+# library -> (module it imports, what to pip install where it is missing)
+PACKAGES = {"ultralytics": ("ultralytics", "ultralytics"), "transformers": ("transformers", "transformers"),
+            "diffusers": ("diffusers", "diffusers"),
+            "smp": ("segmentation_models_pytorch", "segmentation-models-pytorch"),
+            "torchvision": ("torchvision", "torchvision"), "monai": ("monai", "monai"),
+            "kornia": ("kornia", "kornia"), "sam": ("segment_anything", "segment-anything"),
+            "spandrel": ("spandrel", "spandrel"), "open_clip": ("open_clip", "open_clip_torch")}
 
 
 # ---- one model -----------------------------------------------------------------------------
@@ -317,7 +479,15 @@ def _alarm(signum, frame):
 
 
 def tensors(value) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    """The tensors of an output, also inside dataclasses (kornia's ``DISKFeatures``), which
+    pytree takes for leaves."""
+    found = []
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found += tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
+    return found
 
 
 def _cast(value, dtype):
@@ -421,12 +591,39 @@ def try_export(model, folded, call) -> str:
 # ---- the sweep -----------------------------------------------------------------------------
 
 
+def per_model(results: list[Result]) -> str:
+    """One row per model: transform (convs rewritten / eligible), interface in train and eval
+    mode, fold error, export; a failure shows its stage and cause."""
+    rows = []
+    for r in results:
+        if r.status in ("skipped", "original fails"):
+            rows.append([r.model, f"{r.status}: {r.cause}", "", "", "", ""])
+            continue
+        failed = r.cause.split(":")[0] if r.status == "fail" else ""
+        transform = ("FAIL " + r.cause if failed == "transform"
+                     else f"ok {r.rewritten}/{r.eligible} ({r.transform_s:.1f} s)")
+        evaluation = ("ok" if r.interface_ok else f"FAIL {r.cause}" if failed.startswith(("interface (eval)", "fold"))
+                      else "-")
+        train = ("no train call" if r.train_ok is None and r.interface_ok
+                 else "ok" if r.train_ok and r.backward_ok else
+                 f"FAIL {r.cause}" if r.train_ok is False or failed in ("interface (train)", "backward")
+                 else "backward misses Lego" if r.backward_ok is False else "-")
+        fold = f"{r.fold_error:.1e} ({r.dtype})" if r.fold_error is not None else "-"
+        rows.append([r.model, transform, train, evaluation, fold, r.export])
+    return tabulate(rows, ["model", "transform (rewritten/eligible)", "interface train",
+                           "interface eval", "fold error", "export"], tablefmt="github")
+
+
 def summary(results: list[Result]) -> str:
     by_library = defaultdict(list)
     for r in results:
         by_library[r.library].append(r)
     rows = []
     for library, group in by_library.items():
+        if all(r.status == "skipped" for r in group):
+            rows.append([library, len(group), f"skipped ({group[0].cause})", "", "", "", "", ""])
+            continue
+        group = [r for r in group if r.status != "skipped"]
         runs = [r for r in group if r.status != "original fails"]
         exports = [r for r in runs if r.export not in ("not run",) and not r.export.startswith("original")]
         rows.append([library, len(group), len(runs), sum(r.status == "pass" for r in runs),
@@ -478,27 +675,41 @@ def save(results: list[Result]) -> list[Result]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", nargs="*", choices=sorted(LIBRARIES), default=None)
-    parser.add_argument("--models", nargs="*", default=None, help="model names, e.g. hf:ResNetModel")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="model names, e.g. hf:ResNetModel (with --library: these too)")
     parser.add_argument("--export", action="store_true", help="also export to ONNX (slow)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--report", action="store_true", help="print the saved summary")
+    parser.add_argument("--per-model", action="store_true",
+                        help="with --report: one row per model (transform / interface / fold / export)")
     args = parser.parse_args(argv)
     if args.report:
         lines = (RESULTS / "real_models.jsonl").read_text().splitlines()
-        print(summary([Result(**json.loads(line)) for line in lines]))
+        saved = [Result(**json.loads(line)) for line in lines]
+        if args.library or args.models:
+            saved = [r for r in saved if r.library in (args.library or ()) or r.model in (args.models or ())]
+        print(per_model(saved) if args.per_model else summary(saved))
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.filterwarnings("ignore")
-    cases = [case for library in (args.library or LIBRARIES) for case in LIBRARIES[library]()]
-    if args.models:
-        cases = [case for case in cases if case.name in args.models]
+    every = [case for library in LIBRARIES for case in LIBRARIES[library]()]
+    if args.library is None and args.models is None:
+        cases = every
+    else:  # the libraries' models and the models named
+        cases = [case for case in every
+                 if case.library in (args.library or ()) or case.name in (args.models or ())]
     results = []
     signal.signal(signal.SIGALRM, _alarm)
     for index, case in enumerate(cases, 1):
         signal.alarm(args.timeout)
         start = time.perf_counter()
+        module, package = PACKAGES[case.library]
         try:
-            result = run_case(case, args.export)
+            if importlib.util.find_spec(module) is None:
+                result = Result(case.name, case.library, status="skipped",
+                                cause=f"not installed: pip install {package}")
+            else:
+                result = run_case(case, args.export)
         except Timeout as err:
             result = Result(case.name, case.library, cause=f"timeout: {err}")
         signal.alarm(0)

@@ -19,6 +19,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import legofx
+from legofx.core.records import stored_meta
 from helpers import randomize_lego, relative_error
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -109,3 +110,23 @@ def test_segmentation_models_pytorch_unet(tmp_path):
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = smp.Unet("resnet18", encoder_weights=None, classes=2)
     check(model, (torch.randn(1, 3, 64, 64),), export_to=tmp_path)
+
+
+def test_monai_basic_unet_2d():
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
+                           features=(8, 8, 16, 16, 32, 8))
+    # no export here (14 s on 2 cores): benchmarks/real_models.py --library monai --export
+    gm, folded = check(model, (torch.randn(1, 1, 32, 32),))
+    # UpCat's torch.jit.isinstance(x_e, torch.Tensor) is False for an fx Proxy: its trace
+    # drops the skip connection, so the probe check keeps those modules eager (issue 24)
+    untraced = stored_meta(gm)["untraced"]
+    assert "upcat_4" in untraced and "probe input" in untraced["upcat_4"], untraced
+
+
+def test_kornia_hardnet(tmp_path):
+    feature = pytest.importorskip("kornia.feature")
+    model = feature.HardNet(pretrained=False)
+    gm, folded = check(model, (torch.rand(4, 1, 32, 32),), export_to=tmp_path)
+    with torch.no_grad():
+        assert folded(torch.rand(4, 1, 32, 32)).shape == (4, 128)
