@@ -31,12 +31,13 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PLAIN = (tuple, list, dict)
 
 
+HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks, which run only when it is called as a
     module: a graph that traced through it would skip them."""
-    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                  "_backward_pre_hooks")
-    return any(getattr(module, attr, None) for attr in hook_dicts)
+    return any(getattr(module, attr, None) for attr in HOOK_STORES)
 
 
 def _describe(parameter: inspect.Parameter) -> str:

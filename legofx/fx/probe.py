@@ -23,7 +23,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from legofx.core.modes import kept_modes
-from legofx.fx.interface import _flatten
+from legofx.fx.interface import HOOK_STORES, _flatten
 
 PROBE_SIZES = (64, 224)  # spatial sizes tried for a probe input built from the first conv
 Call = tuple[tuple, dict]
@@ -33,8 +33,7 @@ def _copied(value):
     return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
-_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+_HOOK_STORES = (*HOOK_STORES, "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                 "_forward_hooks_always_called")
 
 

@@ -43,6 +43,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from legofx.fx.interface import HOOK_STORES
+
 SOURCE = "_legofx_source"
 _CLASSES: dict[type, type] = {}
 _PLAIN = (nn.Conv2d, nn.Linear)  # rewritable layers themselves never become their own class
@@ -68,8 +70,7 @@ def _is_hooks(key: str, value) -> bool:
     return key.startswith("_") and "hooks" in key and isinstance(value, dict)
 
 
-_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(getattr(_module_globals, f"_global{store}") for store in _HOOK_STORES)
+_GLOBAL_HOOKS = tuple(getattr(_module_globals, f"_global{store}") for store in HOOK_STORES)
 INLINED = "_legofx_inlined"
 _COMPILED = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", SOURCE, INLINED})
 
@@ -88,7 +89,7 @@ def needs_eager(traced: fx.GraphModule) -> bool:
     as ultralytics' ``fuse`` does)."""
     if any(_GLOBAL_HOOKS):
         return True
-    for module in traced.__dict__.get(INLINED, ()):
+    for module in traced.__dict__.get(INLINED, ()):  # HOOK_STORES, spelled out: once per call
         if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in module.__dict__):
             return True
