@@ -137,9 +137,11 @@ def recipe_to_config(model: nn.Module) -> None:
 
 
 def store_records(module: nn.Module, records: list[LayerRecord], untraced: dict[str, str],
-                  recipe: list[dict] | None = None) -> None:
-    """Keep the records, the modules left untraced (name -> why) and the recipe with the model."""
-    meta = {"records": records, "untraced": untraced, "recipe": list(recipe or [])}
+                  recipe: list[dict] | None = None, unchecked: str = "") -> None:
+    """Keep the records, the modules left untraced (name -> why), the recipe and why graphs
+    were not checked against eager code (if so) with the model."""
+    meta = {"records": records, "untraced": untraced, "recipe": list(recipe or []),
+            "unchecked": unchecked}
     if isinstance(module, fx.GraphModule):
         module.meta[META_KEY] = meta
     else:

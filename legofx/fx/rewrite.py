@@ -14,7 +14,7 @@ from legofx import passes
 from legofx.core.arguments import Patterns, check_model, example_call
 from legofx.core.layer import RewrittenLayer
 from legofx.core.records import (LayerRecord, recipe_to_config, skipped_record, store_records,
-                                 stored_meta, stored_recipe, stored_records)
+                                 stored_recipe, stored_records)
 from legofx.fx.generated_weight import GeneratedWeight, with_generated_weight
 from legofx.fx.interface import compare_calls, has_hooks
 from legofx.fx.tracing import Scope, overrides_forward, qualified_name, trace_tree, unshare
@@ -153,8 +153,8 @@ def rewrite(model: nn.Module, method: Method, include=None, exclude=None,
             passes.inline_modules(scope.module, _is_rewritten)
     unshare(root.module, model)
     recipe = _earlier_recipe(model) + ([call] if call else [])
-    store_records(root.module, _merge_records(root.module, records), _untraced(root), recipe)
-    stored_meta(root.module)["unchecked"] = root.unchecked
+    store_records(root.module, _merge_records(root.module, records), _untraced(root), recipe,
+                  root.unchecked)
     recipe_to_config(root.module)
     if example is not None:
         compare_calls(model, root.module, *example)

@@ -173,7 +173,6 @@ class TraceContext:
 
     model: nn.Module
     calls: dict[str, Call] = field(default_factory=dict)
-    unchecked: str = ""  # why graphs could not be checked against eager code, if so
 
 
 def _side_effect_problem(before, what: str) -> str | None:
@@ -349,16 +348,17 @@ def trace_tree(model: nn.Module, example: Call | None = None) -> Scope:
     context = TraceContext(copied)
     refused = can_probe(copied)
     call = None if refused else example if example is not None else built_probe(copied)
+    unchecked = ""
     if call is None:
         why = refused or ("no example_inputs, and no input could be built for the model (one "
                           "tensor for its first conv)")
-        context.unchecked = (f"{why}: traced graphs were not checked against eager execution; "
-                             "pass example_inputs to check them")
+        unchecked = (f"{why}: traced graphs were not checked against eager execution; pass "
+                     "example_inputs to check them")
     else:
         context.calls = record_calls(copied, call, lambda m: _contains_rewritable(m)
                                      and not isinstance(m, REWRITABLE_TYPES))
     root = _scope(copied, "", context)
-    root.unchecked = context.unchecked
+    root.unchecked = unchecked
     leaked = leaked_proxies(root.module)
     if leaked:
         raise TraceError(f"tracing left torch.fx Proxies in the model's attributes "

@@ -13,9 +13,8 @@ channels-last input the fused layers pass on.
 
 from __future__ import annotations
 
-import functools
-
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn

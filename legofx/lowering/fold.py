@@ -45,8 +45,8 @@ def fold(gm: nn.Module, strategy: str | None = None, *, example_inputs=None, exa
             ``"gather"``, Structured: ``"sum-pool"``); a name picks that lowering
             (``"accumulate"``, ``"merge-conv"``, ``"dense"``, ``"fused"``...; docs/api.md has
             the table); a dict picks one per layer name (the others take their default;
-            ``legofx.restore`` replays a fold this way); ``"auto"`` times every lowering of each layer on its input from
-            ``example_inputs`` (required) and keeps the fastest. ``summary`` and ``report`` show
+            ``legofx.restore`` replays a fold this way); ``"auto"`` times every lowering of each
+            layer on its input from ``example_inputs`` (required) and keeps the fastest. ``summary`` and ``report`` show
             the lowering of every layer.
         example_inputs: a tensor or tuple of the model's positional arguments (for ``"auto"``;
             ``()`` for a model called with keywords only).

@@ -56,6 +56,16 @@ def convolve_fragments(frags: Tensor, lego: Tensor, o: int, conv: dict,
     return convolve_batch(frags, lego, conv).unflatten(0, batch + (o,)).flatten(-4, -3)
 
 
+def frozen_pairs(frozen_selection: Tensor) -> Tensor:
+    """``(n, o)`` bool: the (output channel, fragment) pairs whose selection is frozen."""
+    return frozen_selection.amax(-1) > 0
+
+
+def selected_index(proxy: Tensor, frozen_selection: Tensor) -> Tensor:
+    """``k(j, i)``, ``(n, o)`` int64: the frozen choice where there is one, else ``argmax proxy``."""
+    return torch.where(frozen_pairs(frozen_selection), frozen_selection.argmax(-1), proxy.argmax(-1))
+
+
 def selection_onehot(proxy: Tensor, m: int, frozen_selection: Tensor) -> Tensor:
     """The training form's ``M``: straight-through one-hot of ``argmax proxy``; where a
     (output channel, fragment) pair is frozen (``frozen_selection``, ``(n, o, m)``, is positive
@@ -69,9 +79,8 @@ def selection_onehot(proxy: Tensor, m: int, frozen_selection: Tensor) -> Tensor:
     onehot`` after its first update: positive at the same entry, so the average selects what
     the model does.
     """
-    fixed = frozen_selection.amax(-1) > 0
-    index = torch.where(fixed, frozen_selection.argmax(-1), proxy.argmax(-1))
-    hard = F.one_hot(index, m).type_as(proxy)
+    fixed = frozen_pairs(frozen_selection)
+    hard = F.one_hot(selected_index(proxy, frozen_selection), m).type_as(proxy)
     return hard + (proxy - proxy.detach()) * fixed.logical_not().unsqueeze(-1).type_as(proxy)
 
 
@@ -230,14 +239,12 @@ class LegoConv2d(LegoLayer):
 
     def selection(self) -> Tensor:
         """``k(j, i)``: the Lego filter each (output channel, fragment) uses, ``(n, o)`` int64."""
-        frozen = full_tensor(self.frozen_selection)
-        proxy = full_tensor(self.proxy.detach())
-        return torch.where(frozen.amax(-1) > 0, frozen.argmax(-1), proxy.argmax(-1))
+        return selected_index(full_tensor(self.proxy.detach()), full_tensor(self.frozen_selection))
 
     @property
     def frozen(self) -> bool:
         """Whether the selection is fixed (:func:`legofx.freeze_selection`)."""
-        return bool((full_tensor(self.frozen_selection).amax(-1) > 0).all())
+        return bool(frozen_pairs(full_tensor(self.frozen_selection)).all())
 
     @torch.no_grad()
     def freeze(self) -> None:
