@@ -2,6 +2,7 @@
 signatures are the code's. The mechanism is described in tests/docs_blocks.py."""
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -48,11 +49,21 @@ def test_documented_signatures_are_the_code(page):
     assert not problems, "\n".join(problems)
 
 
-def test_every_public_function_is_documented_in_api_md():
-    api = ROOT / "docs" / "api.md"
-    names = {parse(text)[0] for _, text in documented(api.read_text(), page_blocks(api))}
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "docs" / "api.md"], ids=lambda p: p.name)
+def test_every_public_function_is_documented(page):
+    names = {parse(text)[0] for _, text in documented(page.read_text(), page_blocks(page))}
     functions = {n for n in legofx.__all__ if inspect.isfunction(getattr(legofx, n))}
     assert functions - names == set()
+
+
+def test_export_result_fields_are_documented():
+    from dataclasses import fields
+    from legofx.deploy import ExportResult
+    for page in ("api.md", "deployment.md"):
+        text = (ROOT / "docs" / page).read_text()
+        listed = text.split("`ExportResult`", 1)[1].split("\n\n")[0]
+        assert [f.name for f in fields(ExportResult)] == [
+            name for name in re.findall(r"`(\w+)`", listed) if name not in ("OpReport", "None")], page
 
 
 # the checkers themselves: they catch what they are for
