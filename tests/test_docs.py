@@ -74,6 +74,7 @@ FAKE_PAGE = '''
 legofx.transform(model, o=2, m=0.25, *, include=None, exclude=None, init="random",
                  coefficients=True, example_inputs=None, example_kwargs=None) -> nn.Module
 legofx.save(path, model) -> Path
+legofx.compile(model, example_inputs, backend="inductor", verify=True, **options) -> nn.Module
 ```
 
 | function | what |
@@ -84,11 +85,13 @@ legofx.save(path, model) -> Path
 
 def test_a_wrong_signature_is_caught():
     found = documented(FAKE_PAGE, python_blocks(FAKE_PAGE))
-    assert len(found) == 3
+    assert len(found) == 4
     problems = {text.split("(")[0]: differences(text) for _, text in found}
     assert problems["legofx.transform"] == ["transform: m default documented 0.25, is 0.5"]
     assert "parameters ['path', 'model'] documented" in problems["legofx.save"][0]
     assert any("parameters" in p for p in problems["legofx.fold"])   # keyword-only ones missing
+    assert problems["legofx.compile"] == [
+        "compile: verify documented positional or keyword, is keyword-only"]
 
 
 def test_a_broken_block_fails_and_a_stale_stand_in_is_caught(tmp_path, monkeypatch):
