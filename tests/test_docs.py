@@ -111,3 +111,13 @@ def test_directives_apply_to_the_next_block_only():
     assert first.given == "x = 2\n" and second.given == "" and second.skip_reason == "needs a GPU"
     namespace = {}
     assert run_page([first, second], namespace) == 1 and namespace["y"] == 6
+
+
+def test_install_without_make_is_what_the_makefile_runs():
+    makefile = (ROOT / "Makefile").read_text()
+    pins = re.search(r"^TORCH_PINS := (.+)$", makefile, re.M).group(1).strip()
+    workers = re.search(r"^TEST_WORKERS \?= (\d+)", makefile, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    for command in (f"pip install {pins}", f"pip install -e '.[dev]' {pins}",
+                    "lint-imports", f"pytest -n {workers}", "legofx demo"):
+        assert command in readme.split("**Without make**")[1].split("```")[1], command
