@@ -76,13 +76,12 @@ def test_include_takes_one_value_so_the_model_can_follow(tmp_path, capsys):
 
 def _no_model_building(monkeypatch):
     """Checks run before any slow work: building the model would fail the test."""
-    from legofx.cli import export, run
+    from legofx.cli import common
 
     def refuse(spec):
         raise AssertionError("the model was built before the arguments were checked")
 
-    monkeypatch.setattr(export, "build_model", refuse)
-    monkeypatch.setattr(run, "build_model", refuse)
+    monkeypatch.setattr(common, "build_model", refuse)
 
 
 @pytest.mark.parametrize("args, message", [

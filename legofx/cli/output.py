@@ -1,0 +1,54 @@
+"""``--out``: checked before any slow work, and nothing left behind when the command fails or is
+interrupted (the folders it created are removed again)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+SUFFIXES = (".onnx", ".pt2")
+
+
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written: a wrong suffix, a folder, a path under a file,
+    or a folder this user cannot write to (the first one that exists on the way up)."""
+    path = Path(out)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--out must end in .pt2 (torch.export) or .onnx (ONNX), got {out!r}")
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a folder: give a file name ending in {path.suffix}")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out!r}: {_shown(folder, path)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: the folder {_shown(folder, path)!r} is not writable")
+
+
+def _shown(folder: Path, path: Path) -> str:
+    """``folder`` as the user wrote it (relative when ``--out`` was)."""
+    if path.is_absolute():
+        return str(folder)
+    return os.path.relpath(folder) if folder != Path.cwd() else "."
+
+
+@contextlib.contextmanager
+def out_folders(out: str):
+    """Create the folders ``out`` needs; remove those it created if the block fails (or is
+    interrupted) and they are still empty."""
+    created = []
+    folder = Path(out).absolute().parent
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    for folder in reversed(created):
+        folder.mkdir()
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
