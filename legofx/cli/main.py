@@ -6,25 +6,19 @@ import os
 import sys
 import traceback
 
+import torch
+
 from legofx.cli import demo, export, report, run
 from legofx.cli.common import add_debug_argument
 from legofx.cli.options import Parser, one_line
+from legofx.core.version import VERSION
 
 COMMANDS = ("run", "report", "export", "demo")
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    from legofx.core.version import VERSION
-
-    try:
-        torch = installed("torch")
-    except PackageNotFoundError:
-        torch = "not installed"
-    return f"legofx {VERSION} (torch {torch})"
+    return f"legofx {VERSION} (torch {torch.__version__})"
 
 
 def parser() -> Parser:

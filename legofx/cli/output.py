@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 SUFFIXES = (".onnx", ".pt2")
@@ -23,7 +24,12 @@ def check_out(out: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"--out {out!r}: {_shown(folder, path)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # access() says yes to root on a read-only fs
+            writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
         raise ValueError(f"--out {out!r}: the folder {_shown(folder, path)!r} is not writable")
 
 
