@@ -86,7 +86,7 @@ def _no_model_building(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["export", "torchvision:resnet18", "--out", "x.xyz"], "--out must end in .pt2"),
-    (["export", "torchvision:resnet18", "--out", "x.onnx", "--strategy", "fast"], "strategy='fast'"),
+    (["export", "torchvision:resnet18", "--out", "x.onnx", "--strategy", "fast"], "got --strategy 'fast'"),
     (["export", "torchvision:resnet18", "--out", "x.onnx", "--batch", "0"], "--batch must be"),
     (["run", "torchvision:resnet18", "--input-size", "0"], "--input-size must be an int >= 1, got 0"),
     (["run", "torchvision:resnet18", "--method", "structured", "--n", "0"], "n=0"),

@@ -40,9 +40,10 @@ def add_model_arguments(sub: argparse.ArgumentParser, default_model: str | None 
         sub.add_argument("model", nargs="?", default=default_model,
                          help=f"{MODEL_HELP} (default: {default_model}, random weights)")
     add_method_arguments(sub)
-    sub.add_argument("--input-size", type=integer, default=None,
+    sub.add_argument("--input-size", type=integer, default=None, metavar="N",
                      help="spatial size of the example input (default: the model's)")
-    sub.add_argument("--seed", type=integer, default=0, help="seed of the weights and inputs")
+    sub.add_argument("--seed", type=integer, default=0, metavar="N",
+                     help="seed of the random weights and inputs (default 0)")
     add_debug_argument(sub)
 
 
@@ -69,12 +70,14 @@ def add_method_arguments(sub: argparse.ArgumentParser) -> None:
 
 def check_method_arguments(args: argparse.Namespace) -> None:
     """The method's settings, before the model is built (errors name the option)."""
-    if args.method == "structured":
-        check_size_spec("c", args.c, of="each layer's in_channels")
-        check_positive_int("n", args.n)
-    else:
-        check_positive_int("o", args.o)
-        check_size_spec("m", args.m, of="each layer's out_channels")
+    checks = ([("c", check_size_spec, "each layer's in_channels"), ("n", check_positive_int, None)]
+              if args.method == "structured" else
+              [("o", check_positive_int, None), ("m", check_size_spec, "each layer's out_channels")])
+    for name, check, of in checks:
+        try:
+            check(name, getattr(args, name), **({"of": of} if of else {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--{name} {getattr(args, name)}: {err}") from None
     for name in ("input_size", "batch"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

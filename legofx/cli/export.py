@@ -16,9 +16,9 @@ from legofx.cli.output import check_out, out_folders
 from legofx.cli.weights import load_weights, read_weights
 from legofx.core.records import summary
 from legofx.deploy.exporter import MismatchError, export
-from legofx.lowering.auto import check_backend, check_strategy
+from legofx.lowering.auto import check_backend
 from legofx.lowering.fold import fold
-from legofx.lowering.registry import BACKENDS, by_name_only
+from legofx.lowering.registry import BACKENDS, by_name_only, known_lowerings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CALIBRATION_BATCHES = 8
@@ -44,7 +44,10 @@ def _check_arguments(args: argparse.Namespace) -> dict | None:
     if args.calibration is not None and not args.quantize:
         raise ValueError(f"--calibration {args.calibration} calibrates the int8 file: it needs "
                          f"--quantize int8")
-    check_strategy(args.strategy, {})
+    if args.strategy is not None and args.strategy not in {"auto", *known_lowerings()}:
+        raise ValueError(f"--strategy must be auto or a lowering "
+                         f"({', '.join(sorted(known_lowerings() - by_name_only()))}), "
+                         f"got --strategy {args.strategy!r}")
     if args.auto_backend is not None and args.strategy != "auto":
         raise ValueError(f"--auto-backend {args.auto_backend} says where --strategy auto times "
                          f"the lowerings; with --strategy {args.strategy} nothing is timed: drop "
@@ -104,14 +107,15 @@ def add_parser(commands) -> None:
     sub = commands.add_parser(
         "export", help="transform and fold a model, export it to .onnx or .pt2 and verify the file")
     add_model_arguments(sub)
-    sub.add_argument("--out", required=True,
+    sub.add_argument("--out", required=True, metavar="FILE",
                      help="output file: model.onnx or model.pt2 (missing folders are created)")
-    sub.add_argument("--weights", default=None,
+    sub.add_argument("--weights", default=None, metavar="PATH",
                      help="state_dict of the transformed model (e.g. after training) to load "
                           "before folding; without it the weights are random")
-    sub.add_argument("--batch", type=integer, default=1,
+    sub.add_argument("--batch", type=integer, default=1, metavar="N",
                      help="example batch (the file's batch stays dynamic)")
-    sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                     help="precision of the exported file (default float32)")
     sub.add_argument("--check", choices=["tensorrt", "none"], default="tensorrt",
                      help="refuse legofx layers with ops Torch-TensorRT does not convert, and "
                           "list the model's other ops it would run in PyTorch (default)")
@@ -125,7 +129,7 @@ def add_parser(commands) -> None:
     sub.add_argument("--fuse-batchnorm", action="store_true",
                      help="fold each BatchNorm that follows a folded layer into it "
                           "(fold(..., fuse_batchnorm=True))")
-    sub.add_argument("--strategy", default=None,
+    sub.add_argument("--strategy", default=None, metavar="NAME",
                      help="each layer's lowering (fold's strategy): gather (lego default), "
                           "accumulate, merge-conv, dense, sum-pool (structured default) or auto "
                           "(the fastest per layer, timed on the example input); not fused, "

@@ -22,7 +22,8 @@ def version() -> str:
 
 
 def parser() -> Parser:
-    top = Parser(prog="legofx", description=__doc__)
+    top = Parser(prog="legofx", description="Rewrite a model's convolutions into LegoNet or "
+                 "Structured Convolution layers: run (the default), report, export, demo.")
     top.add_argument("--version", action="version", version=version())
     add_debug_argument(top)
     commands = top.add_subparsers(dest="command")

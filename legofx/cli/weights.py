@@ -4,6 +4,7 @@ with one-line errors that name whole keys."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -21,13 +22,15 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a text file raises IndexError, others anything
-        if "Unsupported global" in str(err) or "weights_only" in str(err).lower():
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if pickled:
             raise ValueError(
-                f"--weights {path!r} holds pickled Python objects (e.g. a whole model saved "
-                f"with torch.save(model)), not a state_dict; save gm.state_dict() instead "
-                f"(legofx does not unpickle objects: that could run any code)") from None
-        raise ValueError(f"--weights {path!r} is not a file torch.save wrote: torch.load "
-                         f"cannot read it") from None
+                f"--weights {path!r} holds pickled Python objects ({pickled.group(1)}: e.g. a "
+                f"whole model saved with torch.save(model)), not a state_dict; save "
+                f"gm.state_dict() instead (legofx does not unpickle objects: that could run any "
+                f"code)") from None
+        raise ValueError(f"--weights {path!r} is not a state_dict torch.load can read (not a "
+                         f"file torch.save wrote, or a damaged one)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--weights {path!r} holds a {type(state).__name__}, not a "
                          f"state_dict (a dict of tensors, as gm.state_dict() gives)")
