@@ -128,3 +128,19 @@ def test_help_says_a_model_file_is_run(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "runs the file's code" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_option_is_documented():
+    from pathlib import Path
+
+    from legofx.cli.main import parser
+
+    docs = Path(__file__).parents[1] / "docs" / "api.md"
+    section = docs.read_text().split("## Command line\n")[1].split("\n## ")[0]
+    commands = next(a for a in parser()._actions if a.dest == "command").choices
+    for name in ("run", "report", "export"):
+        assert f"legofx {name}" in section
+        for action in commands[name]._actions:
+            for option in action.option_strings:
+                assert option in ("-h", "--help") or f"`{option}" in section, (name, option)
+    assert "`legofx --version`" in section

@@ -297,3 +297,13 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
     monkeypatch.setenv("LEGOFX_DEBUG", "1")
     assert main([f"{path}:build"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line_without_source_lines(tmp_path, capsys):
+    path = tmp_path / "warns.py"
+    path.write_text("import warnings\nfrom torch import nn\n"
+                    "def build():\n    warnings.warn('careful\\nnow', UserWarning)\n"
+                    "    net = nn.Sequential(nn.Conv2d(4, 8, 1))\n"
+                    "    net.example_input_shape = (1, 4, 4, 4)\n    return net\n")
+    assert main(["report", f"{path}:build"]) == 0
+    assert capsys.readouterr().err == "legofx: warning: careful; now\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next((arg for arg in argv if arg != "--debug"), None)
     if first is None or first not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(argv.index(first) if first is not None else len(argv), "run")
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args = parser().parse_args(argv)
         debug = getattr(args, "debug", False) or os.environ.get("LEGOFX_DEBUG", "") not in ("", "0")
@@ -61,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("legofx: interrupted", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``legofx: warning: ...``, without the source line that raised it."""
+    text = one_line(message).removeprefix("legofx: ")
+    print(f"legofx: warning: {text}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":
