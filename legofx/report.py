@@ -179,13 +179,13 @@ def _narrow_table(records: list[LayerRecord], macs, with_init: bool, kinds: list
     headers = ["layer", "status", "in->out kernel", "params", "smaller"]
     headers += ["MACs", "fewer"] if macs is not None else []
     headers += ["init error"] if with_init else []
-    table = tabulate(rows, headers, tablefmt="github")
+    table = tabulate(rows, headers, tablefmt="github", disable_numparse=True)
     excess = len(table.splitlines()[0]) - WIDTH
     if excess > 0:
         longest = max(len(r.name) for r in records)
         width = max(longest - excess, 12)
         table = tabulate([[shorten(row[0], width), *row[1:]] for row in rows], headers,
-                         tablefmt="github")
+                         tablefmt="github", disable_numparse=True)
     return table
 
 
@@ -212,7 +212,7 @@ def _wide_table(records: list[LayerRecord], macs, with_init: bool) -> str:
         headers += ["MACs", "MACs after", "MAC ratio"]
     if with_init:
         headers.append("init error")
-    return tabulate(rows, headers + ["reason"], tablefmt="github")
+    return tabulate(rows, headers + ["reason"], tablefmt="github", disable_numparse=True)
 
 
 PAPER_NOTE = ("paper eq.1 is LegoNet's compression, which counts the selection M as n*o*m "
