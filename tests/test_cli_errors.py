@@ -153,6 +153,19 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "made").exists()
 
 
+def test_a_failed_verification_leaves_no_folder_behind(net, tmp_path, capsys, monkeypatch):
+    from legofx.cli import export
+    from legofx.deploy.verify import MismatchError
+
+    def mismatch(*args, **kwargs):
+        raise MismatchError("outputs differ\nby a lot")
+
+    monkeypatch.setattr(export, "export", mismatch)
+    assert main(["export", net[0], "--out", str(tmp_path / "new" / "x.onnx")]) == 1
+    assert capsys.readouterr().err == "FAILED: outputs differ; by a lot\n"
+    assert not (tmp_path / "new").exists()
+
+
 # 5. typed options: what was expected, not a function name
 @pytest.mark.parametrize("args, message", [
     (["run", "--m", "abc"], "argument --m: expected a number (a fraction like 0.5 or a count like "

@@ -11,7 +11,7 @@ import torch
 from legofx.cli.common import (add_model_arguments, apply_method, check_method_arguments,
                                method_settings, prepare_model)
 from legofx.cli.model_spec import example_input
-from legofx.cli.options import integer, positive_integer
+from legofx.cli.options import integer, one_line, positive_integer
 from legofx.cli.output import check_out, out_folders
 from legofx.cli.weights import load_weights, read_weights
 from legofx.core.records import summary
@@ -64,8 +64,11 @@ def _check_arguments(args: argparse.Namespace) -> dict | None:
 def cmd_export(args: argparse.Namespace) -> int:
     state = _check_arguments(args)
     model, shape, x = prepare_model(args, batch=args.batch)
-    with out_folders(args.out):
-        return _export(model, shape, x, state, args)
+    with out_folders(args.out) as created:
+        status = _export(model, shape, x, state, args)
+        if status != 0:
+            created.remove()
+        return status
 
 
 def _export(model, shape, x, state, args: argparse.Namespace) -> int:
@@ -92,7 +95,7 @@ def _export(model, shape, x, state, args: argparse.Namespace) -> int:
         result = export(folded, x, args.out, check=None if args.check == "none" else args.check,
                         quantize=args.quantize, calibration=calibration)
     except MismatchError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
+        print(f"FAILED: {one_line(err)}", file=sys.stderr)
         return 1
     kind = "ONNX" if result.format == "onnx" else "torch.export program"
     print(f"wrote {result.path} ({kind}{', ' + args.quantize + ' QDQ' if args.quantize else ''}, "

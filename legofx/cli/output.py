@@ -35,26 +35,35 @@ def check_out(out: str) -> None:
 
 def _shown(folder: Path, path: Path) -> str:
     """``folder`` as the user wrote it (relative when ``--out`` was)."""
-    if path.is_absolute():
-        return str(folder)
-    return os.path.relpath(folder) if folder != Path.cwd() else "."
+    return str(folder) if path.is_absolute() else os.path.relpath(folder)
+
+
+class CreatedFolders:
+    """The folders ``out`` needs that do not exist yet, created; :meth:`remove` removes them
+    again (those still empty, deepest first)."""
+
+    def __init__(self, out: str):
+        self.folders = []
+        folder = Path(out).absolute().parent
+        while not folder.exists():
+            self.folders.append(folder)
+            folder = folder.parent
+        for folder in reversed(self.folders):
+            folder.mkdir()
+
+    def remove(self) -> None:
+        for folder in self.folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @contextlib.contextmanager
 def out_folders(out: str):
-    """Create the folders ``out`` needs; remove those it created if the block fails (or is
-    interrupted) and they are still empty."""
-    created = []
-    folder = Path(out).absolute().parent
-    while not folder.exists():
-        created.append(folder)
-        folder = folder.parent
-    for folder in reversed(created):
-        folder.mkdir()
+    """Create the folders ``out`` needs (a :class:`CreatedFolders`); they are removed if the
+    block fails or is interrupted, or if it calls ``remove()``."""
+    created = CreatedFolders(out)
     try:
-        yield
+        yield created
     except BaseException:
-        for folder in created:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        created.remove()
         raise
