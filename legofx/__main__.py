@@ -1,5 +1,9 @@
 import sys
 
-from legofx.cli.main import main
+try:
+    from legofx.cli.main import main
+except KeyboardInterrupt:  # Ctrl-C while torch is imported
+    print("legofx: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

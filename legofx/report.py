@@ -114,18 +114,21 @@ def _compact(value: int) -> str:
 
 
 def coverage_lines(records: list[LayerRecord], untraced: dict[str, str],
-                   unchecked: str = "") -> list[str]:
-    """Found / rewritten (and how each is reached) / skipped, skipped grouped by reason, and
-    the modules that run eagerly because they could not be traced, each with its reason."""
+                   unchecked: str = "", numbered: bool = False) -> list[str]:
+    """Found / rewritten (and how each is reached) / skipped, skipped grouped by reason (each
+    group ``[1]``, ``[2]``... with ``numbered``, in the order met, as the narrow table refers
+    to them), and the modules that run eagerly because they could not be traced, with reasons."""
     rewritten = [r for r in records if r.rewritten]
     where = Counter(r.where for r in rewritten)
     via = ", ".join(f"{kind} {where[kind]}" for kind in ("graph", "leaf", "module") if where[kind])
     lines = [f"layers: {len(records)} found, rewritten {len(rewritten)}"
              + (f" ({via})" if via else "") + f", skipped {len(records) - len(rewritten)}"]
     kinds = Counter(reason_kind(r.reason) for r in records if not r.rewritten)
-    for kind, count in kinds.most_common():
+    for number, kind in enumerate(kinds, 1):
+        count = kinds[kind]
         example = next(r for r in records if not r.rewritten and reason_kind(r.reason) == kind)
-        lines.append(f"  skipped {count} x: {example.reason}" + (" (and similar)" if count > 1 else ""))
+        lines.append(f"  {f'[{number}] ' if numbered else ''}skipped {count} x: {example.reason}"
+                     + (" (and similar)" if count > 1 else ""))
     if untraced:
         lines.append(f"modules that could not be traced and run eagerly: {len(untraced)} "
                      "(convs inside them are rewritten in traced sub-graphs or at module level)")
@@ -138,25 +141,63 @@ def coverage_lines(records: list[LayerRecord], untraced: dict[str, str],
     return lines
 
 
-def report(gm: fx.GraphModule, example_inputs=None) -> str:
-    """A ``tabulate`` table, one row per conv, then totals for the whole network.
+WIDTH = 120  # columns the default table fits in
+ELLIPSIS = "\u2026"
 
-    Always: status, shapes, settings (``o``/``m``), parameters before/after and the method
-    paper's compression and speed-up formulas per layer (LegoNet: eq. 1 and eq. 2). Given ``example_inputs`` (a tensor or a tuple of
-    tensors; the model runs once, in eval mode, on a copy), also the MACs of every layer
-    before/after for those inputs (a layer called twice counts twice) and of the network.
-    Layers started from trained weights show their relative reconstruction error.
-    """
-    records = summary(gm)
-    macs = totals = None
-    if example_inputs is not None:
-        macs, *totals = measure_macs(gm, example_inputs)
-    with_init = any("init_error" in r.extra for r in records)
+
+def shorten(name: str, width: int) -> str:
+    """``name`` cut in the middle to ``width`` characters (``layer4.\u2026.conv2``), ends kept."""
+    if len(name) <= width:
+        return name
+    head = width // 2
+    return name[:head] + ELLIPSIS + name[len(name) - (width - 1 - head):]
+
+
+def _before_after(before: int, after: int, rewritten: bool) -> str:
+    return f"{_compact(before)}->{_compact(after)}" if rewritten else _compact(before)
+
+
+def _narrow_table(records: list[LayerRecord], macs, with_init: bool, kinds: list[str]) -> str:
+    """Layer, status (a skipped conv's reason is numbered below), shape, parameters and MACs
+    with their ratios; the layer names cut in the middle to fit :data:`WIDTH` columns."""
+    rows = []
+    for r in records:
+        done = r.rewritten
+        status = "rewritten" if done else f"skipped [{kinds.index(reason_kind(r.reason)) + 1}]"
+        row = [r.name, status, f"{r.in_channels}->{r.out_channels} "
+               + ("x".join(map(str, r.kernel_size)) or "-"),
+               _before_after(r.params_before, r.params_after, done),
+               _ratio(r.params_before, r.params_after) if done else "-"]
+        if macs is not None:
+            layer = macs[r.name]
+            row += [_before_after(layer.before, layer.after, done),
+                    _ratio(layer.before, layer.after) if done else "-"]
+        if with_init:
+            error = r.extra.get("init_error")
+            row.append("-" if error is None else f"{error:.3f}")
+        rows.append(row)
+    headers = ["layer", "status", "in->out kernel", "params", "smaller"]
+    headers += ["MACs", "fewer"] if macs is not None else []
+    headers += ["init error"] if with_init else []
+    table = tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+    excess = len(table.splitlines()[0]) - WIDTH
+    if excess > 0:
+        longest = max(len(r.name) for r in records)
+        width = max(longest - excess, 12)
+        table = tabulate([[shorten(row[0], width), *row[1:]] for row in rows], headers,
+                         tablefmt="github", disable_numparse=True)
+    return table
+
+
+def _wide_table(records: list[LayerRecord], macs, with_init: bool) -> str:
+    """Every column: also how each conv is reached, its form, settings and the method paper's
+    formulas, and the reasons in full."""
     rows = []
     for r in records:
         row = [r.name, r.status, r.where or "-", r.form, f"{r.in_channels}->{r.out_channels}",
                "x".join(map(str, r.kernel_size)) or "-", r.settings or "-",
                _compact(r.params_before), _compact(r.params_after),
+               _ratio(r.params_before, r.params_after),
                _theory(r.theory_compression), _theory(r.theory_speedup)]
         if macs is not None:
             layer = macs[r.name]
@@ -166,14 +207,47 @@ def report(gm: fx.GraphModule, example_inputs=None) -> str:
             row.append("-" if error is None else f"{error:.3f}")
         rows.append(row + [r.reason])
     headers = ["layer", "status", "via", "form", "in->out", "kernel", "settings", "params",
-               "params after", "compr. (paper)", "speed-up (paper)"]
+               "params after", "params ratio", "paper eq.1", "paper eq.2"]
     if macs is not None:
         headers += ["MACs", "MACs after", "MAC ratio"]
     if with_init:
         headers.append("init error")
-    lines = [tabulate(rows, headers + ["reason"], tablefmt="github"), ""]
+    return tabulate(rows, headers + ["reason"], tablefmt="github", disable_numparse=True)
+
+
+PAPER_NOTE = ("paper eq.1 is LegoNet's compression, which counts the selection M as n*o*m "
+              "entries (legofx stores n*o indices), so it is below the measured params ratio, "
+              "most for 1x1 convs; paper eq.2 is its speed-up in MACs")
+
+
+def report(gm: fx.GraphModule, example_inputs=None, *, wide: bool = False) -> str:
+    """A ``tabulate`` table, one row per conv, then totals for the whole network.
+
+    By default the table fits 120 columns: each conv's name (cut in the middle if need be),
+    status (a skipped conv's reason is numbered in the lines below the table), in/out channels
+    and kernel, parameters before -> after (the inference form's, measured) and the ratio.
+    Given ``example_inputs`` (a tensor or a tuple of tensors; the model runs once, in eval
+    mode, on a copy), also the MACs of every layer before -> after for those inputs (a layer
+    called twice counts twice) and of the network. Layers started from trained weights show
+    their relative reconstruction error. ``wide=True`` shows every column: also how each conv
+    is reached, its form, settings, the method paper's compression and speed-up formulas
+    (LegoNet: eq. 1 and eq. 2) and the reasons in full.
+    """
+    records = summary(gm)
+    macs = totals = None
+    if example_inputs is not None:
+        macs, *totals = measure_macs(gm, example_inputs)
+    with_init = any("init_error" in r.extra for r in records)
+    kinds = list(Counter(reason_kind(r.reason) for r in records if not r.rewritten))
+    if wide:
+        table = _wide_table(records, macs, with_init)
+    else:
+        table = _narrow_table(records, macs, with_init, kinds)
+    lines = [table, ""]
     meta = stored_meta(gm)
-    lines += coverage_lines(records, meta["untraced"], meta.get("unchecked", ""))
+    lines += coverage_lines(records, meta["untraced"], meta.get("unchecked", ""), numbered=not wide)
+    if wide and any(r.method == "lego" and r.rewritten for r in records):
+        lines.append(f"note: {PAPER_NOTE}")
     conv_before = sum(r.params_before for r in records)
     conv_after = sum(r.params_after for r in records)
     lines.append(f"layer parameters: {conv_before:,} -> {conv_after:,} "

@@ -76,18 +76,17 @@ def test_include_takes_one_value_so_the_model_can_follow(tmp_path, capsys):
 
 def _no_model_building(monkeypatch):
     """Checks run before any slow work: building the model would fail the test."""
-    from legofx.cli import export, run
+    from legofx.cli import common
 
     def refuse(spec):
         raise AssertionError("the model was built before the arguments were checked")
 
-    monkeypatch.setattr(export, "build_model", refuse)
-    monkeypatch.setattr(run, "build_model", refuse)
+    monkeypatch.setattr(common, "build_model", refuse)
 
 
 @pytest.mark.parametrize("args, message", [
     (["export", "torchvision:resnet18", "--out", "x.xyz"], "--out must end in .pt2"),
-    (["export", "torchvision:resnet18", "--out", "x.onnx", "--strategy", "fast"], "strategy='fast'"),
+    (["export", "torchvision:resnet18", "--out", "x.onnx", "--strategy", "fast"], "got --strategy 'fast'"),
     (["export", "torchvision:resnet18", "--out", "x.onnx", "--batch", "0"], "--batch must be"),
     (["run", "torchvision:resnet18", "--input-size", "0"], "--input-size must be an int >= 1, got 0"),
     (["run", "torchvision:resnet18", "--method", "structured", "--n", "0"], "n=0"),
@@ -129,3 +128,19 @@ def test_help_says_a_model_file_is_run(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "runs the file's code" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_option_is_documented():
+    from pathlib import Path
+
+    from legofx.cli.main import parser
+
+    docs = Path(__file__).parents[1] / "docs" / "api.md"
+    section = docs.read_text().split("## Command line\n")[1].split("\n## ")[0]
+    commands = next(a for a in parser()._actions if a.dest == "command").choices
+    for name in ("run", "report", "export"):
+        assert f"legofx {name}" in section
+        for action in commands[name]._actions:
+            for option in action.option_strings:
+                assert option in ("-h", "--help") or f"`{option}" in section, (name, option)
+    assert "`legofx --version`" in section

@@ -93,9 +93,9 @@ def test_export_loads_trained_weights(net_file, tmp_path, capsys):
     (["--out", "net.txt"], "must end in .pt2"),
     (["--out", "net.onnx", "--weights", "missing.pt"], "missing.pt"),
     (["--out", "net.onnx", "--o", "0"], "o=0"),
-    (["--out", "net.onnx", "--strategy", "fast"], "strategy='fast'"),
+    (["--out", "net.onnx", "--strategy", "fast"], "got --strategy 'fast'"),
     (["--out", "net.onnx", "--strategy", "gather", "--auto-backend", "onnxruntime"],
-     "backend='onnxruntime'"),
+     "--auto-backend onnxruntime says where --strategy auto times"),
     (["--out", "net.pt2", "--strategy", "fused"], "--strategy fused: its merge is a legofx custom op"),
     (["--out", "net.pt2", "--quantize", "int8"], "--out must end in .onnx"),
 ])

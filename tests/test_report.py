@@ -94,7 +94,8 @@ def test_report_table_and_totals():
     assert "layers: 4 found, rewritten 2 (graph 2), skipped 2" in text
     assert "in_channels=3 is not divisible by o=2" in text
     assert "groups=4: grouped convolutions are kept" in text
-    assert "network MACs:" in text and "MAC ratio" in text
+    assert "network MACs:" in text and "fewer" in text
+    assert "MAC ratio" in legofx.report(gm, torch.randn(1, 3, 16, 16), wide=True)
     assert "MACs" not in legofx.report(gm)  # no inputs, no MAC columns
 
 

@@ -1,4 +1,4 @@
-"""The ``legofx`` command line: ``run`` (default), ``demo``, ``export``."""
+"""The ``legofx`` command line: ``run`` (default), ``report``, ``export``, ``demo``."""
 
 from legofx.cli.main import main
 

@@ -10,6 +10,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from legofx.cli.model_spec import build_model, example_input
+from legofx.cli.options import integer, size
 from legofx.core.arguments import check_positive_int, check_size_spec
 from legofx.core.records import summary
 from legofx.methods.lego.api import transform
@@ -17,10 +19,6 @@ from legofx.methods.structured.api import structure
 
 MODEL_HELP = ("torchvision:NAME, timm:NAME or path/to/file.py:factory (this imports and runs "
               "the file's code, as python would: use only files you trust)")
-
-
-def _size_arg(text: str) -> int | float:
-    return float(text) if any(ch in text for ch in ".eE") else int(text)
 
 
 def _patterns(text: str) -> list[str]:
@@ -33,16 +31,37 @@ def _patterns(text: str) -> list[str]:
     return names
 
 
+def add_model_arguments(sub: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    """MODEL, ``--method`` and its settings, ``--input-size``, ``--seed`` and ``--debug``:
+    shared by ``run``, ``report`` and ``export``."""
+    if default_model is None:
+        sub.add_argument("model", help=MODEL_HELP)
+    else:
+        sub.add_argument("model", nargs="?", default=default_model,
+                         help=f"{MODEL_HELP} (default: {default_model}, random weights)")
+    add_method_arguments(sub)
+    sub.add_argument("--input-size", type=integer, default=None, metavar="N",
+                     help="spatial size of the example input (default: the model's)")
+    sub.add_argument("--seed", type=integer, default=0, metavar="N",
+                     help="seed of the random weights and inputs (default 0)")
+    add_debug_argument(sub)
+
+
+def add_debug_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show the traceback of an unexpected error (or set LEGOFX_DEBUG=1)")
+
+
 def add_method_arguments(sub: argparse.ArgumentParser) -> None:
-    """``--method`` and its settings, shared by ``run`` and ``export``."""
+    """``--method`` and its settings."""
     sub.add_argument("--method", choices=["lego", "structured"], default="lego",
                      help="lego: legofx.transform (default); structured: legofx.structure")
-    sub.add_argument("--o", type=int, default=2, help="lego: input-channel fragments (default 2)")
-    sub.add_argument("--m", type=_size_arg, default=0.5,
+    sub.add_argument("--o", type=integer, default=2, help="lego: input-channel fragments (default 2)")
+    sub.add_argument("--m", type=size, default=0.5,
                      help="lego: Lego filters, a fraction of out_channels (0.5) or a count (16)")
-    sub.add_argument("--c", type=_size_arg, default=0.5,
+    sub.add_argument("--c", type=size, default=0.5,
                      help="structured: underlying channels, a fraction of in_channels or a count")
-    sub.add_argument("--n", type=int, default=2, help="structured: underlying kernel size (default 2)")
+    sub.add_argument("--n", type=integer, default=2, help="structured: underlying kernel size (default 2)")
     for name in ("include", "exclude"):
         sub.add_argument(f"--{name}", type=_patterns, action="extend", default=None,
                          help="conv names or glob patterns, comma-separated; repeat the option "
@@ -51,12 +70,14 @@ def add_method_arguments(sub: argparse.ArgumentParser) -> None:
 
 def check_method_arguments(args: argparse.Namespace) -> None:
     """The method's settings, before the model is built (errors name the option)."""
-    if args.method == "structured":
-        check_size_spec("c", args.c, of="each layer's in_channels")
-        check_positive_int("n", args.n)
-    else:
-        check_positive_int("o", args.o)
-        check_size_spec("m", args.m, of="each layer's out_channels")
+    checks = ([("c", check_size_spec, "each layer's in_channels"), ("n", check_positive_int, None)]
+              if args.method == "structured" else
+              [("o", check_positive_int, None), ("m", check_size_spec, "each layer's out_channels")])
+    for name, check, of in checks:
+        try:
+            check(name, getattr(args, name), **({"of": of} if of else {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--{name} {getattr(args, name)}: {err}") from None
     for name in ("input_size", "batch"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -104,3 +125,15 @@ def apply_method(model: torch.nn.Module, args: argparse.Namespace,
 
 def method_settings(args: argparse.Namespace) -> str:
     return f"c={args.c} n={args.n}" if args.method == "structured" else f"o={args.o} m={args.m}"
+
+
+def prepare_model(args: argparse.Namespace, batch: int | None = None
+                  ) -> tuple[nn.Module, tuple[int, ...], torch.Tensor]:
+    """The model of ``args.model`` in eval mode (its settings checked, before the rewrite), the
+    example input's shape (``--input-size``; ``batch`` when given) and the example input."""
+    torch.manual_seed(args.seed)
+    model, shape = build_model(args.model)
+    check_model_fits(model, args)
+    size = (args.input_size,) * 2 if args.input_size else tuple(shape[-2:])
+    shape = (shape[0] if batch is None else batch, *shape[1:-2], *size)
+    return model.eval(), shape, example_input(shape, args.seed)

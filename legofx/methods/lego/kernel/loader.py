@@ -19,6 +19,7 @@ A cached library is code this process will run, so (docs/security.md):
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import fcntl
 import hashlib
@@ -99,15 +100,17 @@ _warned = False
 
 
 def _private_dir(why: str) -> Path:
-    """A fresh directory only this process knows (0700), made once; warns once."""
+    """A fresh directory only this process knows (0700), made once and removed when the
+    process exits; warns once."""
     global _private, _warned
     if _private is None:
         _private = Path(tempfile.mkdtemp(prefix="legofx-kernel-"))
+        atexit.register(shutil.rmtree, _private, ignore_errors=True)  # unlinking a loaded library is safe
     if not _warned:
         _warned = True
         warnings.warn(f"legofx: not using the kernel cache {_configured_dir()}: {why}; building "
                       f"the merge kernel in the private directory {_private} instead (rebuilt "
-                      f"in every process)", RuntimeWarning, stacklevel=3)
+                      f"in every process, removed at exit)", RuntimeWarning, stacklevel=3)
     return _private
 
 
