@@ -59,8 +59,8 @@ def speedup_panel(axes, realistic: dict) -> None:
     axes.legend(loc="upper center", ncol=len(batches) + 1, fontsize=8, frameon=False)
     axes.grid(axis="y", alpha=0.3)
     if same:
-        axes.text(0.01, -0.16, "some Lego models kept every layer dense: the original's graph, no speed-up "
-                  "to show", transform=axes.transAxes, fontsize=8)
+        axes.set_xlabel("'same graph': the Lego model kept every layer dense (the original's graph), "
+                        "no speed-up to show", fontsize=8)
 
 
 def save_figure(digits: dict, realistic: dict, path: Path | str) -> Path:
