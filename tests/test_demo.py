@@ -9,8 +9,10 @@ import re
 
 import pytest
 from legofx.cli import main
-from legofx.cli.demo import ROWS, fold_failures, render
+from legofx.cli.demo import ROWS, SIZE_ROWS, fold_failures, render, unrepresentative
 from legofx.demo import realistic
+from legofx.lowering.fold import fold
+from legofx.methods.lego.api import transform
 
 from helpers import snapshot, assert_unchanged
 
@@ -26,7 +28,8 @@ def build():
                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, 4))
 """
-SIZE_ROWS = ("original", "Lego, folded for ONNX Runtime")
+SIZE_LABELS = tuple(label for _, label in SIZE_ROWS)
+SPEED_ROWS = (*realistic.BACKENDS, "onnxruntime int8")
 
 
 def cells(line: str) -> list[str]:
@@ -43,7 +46,7 @@ def demo_run(tmp_path_factory):
     returns its folder, what it printed, and its JSON."""
     folder = tmp_path_factory.mktemp("demo")
     (folder / "tiny.py").write_text(TINY_MODEL)
-    argv = ["demo", "--epochs", "1", "--quiet", "--out", str(folder / "out"), "--keep-onnx",
+    argv = ["demo", "--epochs", "1", "--quiet", "--out", str(folder / "out"),
             "--model", f"{folder / 'tiny.py'}:build", "--size", "16", "--batches", "1",
             "--rounds", "1"]
     with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -60,26 +63,50 @@ def test_demo_prints_every_row_and_saves_the_picture(demo_run):
         # the Lego nets' conv parameters: at least 3x fewer (a property of o=2, m=0.5)
         assert int(dense[3].replace(",", "")) >= 3 * int(row[3].replace(",", ""))
         assert float(row[-1]) < 1e-5  # fold vs training form, float32
-    assert [row[0] for row in table_rows(out, SIZE_ROWS)] == list(SIZE_ROWS), out
-    latency = table_rows(out, realistic.BACKENDS)
-    expected = [(backend, baseline, batch) for backend, baselines in
-                (("eager", ("original", "original, channels-last")), ("inductor", ("original",)),
-                 ("onnxruntime", ("original",)))
-                for batch in ("1",) for baseline in baselines]
-    assert [(row[0], row[2], row[3]) for row in latency] == expected, out
-    for row in latency:
-        assert float(row[4]) > 0 and float(row[5]) > 0
-    # legofx.export takes quantize="int8": the int8 rows are there, with the file sizes
-    assert results["realistic"]["int8"].startswith("int8: original and Lego (fold(auto"), out
-    assert results["realistic"]["lowerings"]["onnxruntime int8"].startswith("auto timed as int8")
-    assert results["realistic"]["size"]["lego"]["int8_file_mb"] > 0
+    assert [row[0] for row in table_rows(out, SIZE_LABELS)] == list(SIZE_LABELS), out
+    latency = table_rows(out, SPEED_ROWS)
+    assert [(row[0], row[1]) for row in latency] == [(backend, "1") for backend in SPEED_ROWS], out
+    for printed, row in zip(latency, results["realistic"]["latency"]):
+        assert float(printed[4]) > 0 and float(printed[5]) > 0
+        # the baseline is the fastest original variant of the same run, named
+        assert row["original_ms"] == min(row["baselines_ms"].values()) == row["baselines_ms"][row["baseline"]]
+        assert printed[3] == row["baseline"]
+    eager = results["realistic"]["latency"][0]["baselines_ms"]
+    assert set(eager) == {"original", "original, BN fused", "original, channels-last",
+                          "original, BN fused, channels-last"}
+    # the int8 row is the float file, quantized
+    assert results["realistic"]["int8"].startswith("int8: the float ONNX files above, quantized"), out
+    assert results["realistic"]["size"]["accumulate"]["int8_file_bytes"] > 0
 
     assert out == render(results) + "\n"  # what it prints is its JSON, rendered
     picture = folder / "out" / "demo.png"
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"picture: {picture}" in out
-    assert (folder / "out" / "build_lego.onnx").stat().st_size > 0
-    assert (folder / "out" / "lego_digits.onnx").stat().st_size > 0
+    # no --keep-onnx: the ONNX files went with a temporary folder, and the JSON names none
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["demo.json", "demo.png"]
+    assert "path" not in results["digits"]["export"]
+
+
+def test_every_duration_printed_is_measured(demo_run):
+    _, out, results = demo_run
+    seconds = results["seconds"]
+    assert seconds["total"] >= sum(value for key, value in seconds.items() if key != "total") * 0.99
+    assert f"done in {seconds['total']:.0f} s: set-up" in out
+    longer = {**results, "seconds": {**seconds, "total": seconds["total"] + 1000}}
+    assert f"done in {seconds['total'] + 1000:.0f} s" in render(longer)
+
+
+def test_a_lego_model_with_the_originals_graph_shows_no_ratio(demo_run):
+    """``auto`` may keep every layer dense: the original's graph, where a ratio is noise."""
+    _, _, results = demo_run
+    exec(TINY_MODEL, namespace := {})
+    gm = transform(namespace["build"](), o=2, m=0.5).eval()
+    assert realistic.same_graph(fold(gm, "dense")) and not realistic.same_graph(fold(gm, "accumulate"))
+    rows = copy.deepcopy(results["realistic"]["latency"])
+    rows[0]["same_graph"] = True
+    printed = render({**results, "realistic": {**results["realistic"], "latency": rows}})
+    first = table_rows(printed, SPEED_ROWS)[0]
+    assert first[6] == "same graph as the original" and first[8] == "-"
 
 
 def test_a_fold_error_above_the_tolerance_fails_the_demo(demo_run):
@@ -91,40 +118,48 @@ def test_a_fold_error_above_the_tolerance_fails_the_demo(demo_run):
     assert fold_failures(off, 3e-5) == []
 
 
-def test_the_output_says_when_the_machine_was_busy(demo_run):
-    """Latencies measured while others load the machine are not representative: said so."""
+def test_the_output_says_when_the_latencies_are_not_representative(demo_run):
+    """Others' load at the start or end, or a large spread of the timed rounds: one line says so."""
     _, _, results = demo_run
-    env = copy.deepcopy(results)["environment"]
-    for load, busy in ((0.0, False), (env["cpus"], True)):
-        results_at = {**results, "environment": {**env, "load_start": load, "load_end": env["cpus"]}}
-        assert ("busy: the latencies" in render(results_at)) == busy
+    quiet_rows = [{**row, "spread": 0.01} for row in results["realistic"]["latency"]]
+    quiet = {**results, "realistic": {**results["realistic"], "latency": quiet_rows},
+             "environment": {**results["environment"], "load_start": 0.2, "load_end": 1.9, "own_load": 1.8}}
+    assert unrepresentative(quiet) == [] and "NOT REPRESENTATIVE" not in render(quiet)
+    for change, reason in (({"load_start": 1.5}, "load 1.5 at the start"),
+                           ({"load_end": 3.5}, "others' load about 1.7 at the end (3.5 less the demo's own 1.8)")):
+        busy = {**quiet, "environment": {**quiet["environment"], **change}}
+        assert unrepresentative(busy) == [reason] and "NOT REPRESENTATIVE: " in render(busy)
+    noisy_rows = copy.deepcopy(quiet_rows)
+    noisy_rows[-1]["spread"] = 0.3
+    noisy = {**quiet, "realistic": {**quiet["realistic"], "latency": noisy_rows}}
+    assert unrepresentative(noisy) == [f"timed rounds spread up to 30% ({noisy_rows[-1]['backend']}, batch 1)"]
 
 
-class QuantizingExport:
-    """A stand-in for an ``export`` that takes ``quantize=``: records the call, exports as is."""
-
-    def __init__(self, export):
-        self.export, self.calls = export, []
-
-    def __call__(self, model, example_inputs, path, *, check=None, quantize=None, calibration=None):
-        if quantize is not None:
-            self.calls.append((quantize, len(calibration)))
-        return self.export(model, example_inputs, path, check=check)
-
-
-def test_an_int8_row_appears_where_export_quantizes(monkeypatch, tmp_path):
+def test_int8_rows_come_from_the_float_files_quantized(tmp_path):
     exec(TINY_MODEL, namespace := {})
     model = namespace["build"]()
     before = snapshot(model)
     setup = realistic.Setup(size=16, batches=(1,), rounds=1, backends=("onnxruntime",))
-    fake = QuantizingExport(realistic.export)
-    monkeypatch.setattr(realistic, "export", fake)
     results = realistic.run(model, setup, tmp_path, quiet=True)
-    assert fake.calls == [("int8", 4), ("int8", 4)]  # original and Lego
     assert [row["backend"] for row in results["latency"]] == ["onnxruntime", "onnxruntime int8"]
-    assert results["size"]["lego"]["int8_file_mb"] > 0
+    assert [row["lowering"] for row in results["latency"]] == ["fold 'accumulate', BN fused"] * 2
+    sizes = results["size"]
+    assert sizes["accumulate"]["int8_file_bytes"] == (tmp_path / "model_lego_int8.onnx").stat().st_size
+    assert sizes["original"]["file_bytes"] == (tmp_path / "model.onnx").stat().st_size
     assert_unchanged(model, before)
     assert model.training  # its mode given back
+
+
+def test_a_failed_quantization_leaves_the_int8_rows_out(monkeypatch, tmp_path):
+    def fails(*args, **kwargs):
+        raise RuntimeError("no int8 here")
+
+    monkeypatch.setattr(realistic, "quantize_file", fails)
+    exec(TINY_MODEL, namespace := {})
+    setup = realistic.Setup(size=16, batches=(1,), rounds=1, backends=("onnxruntime",))
+    results = realistic.run(namespace["build"](), setup, tmp_path, quiet=True)
+    assert [row["backend"] for row in results["latency"]] == ["onnxruntime"]
+    assert results["int8"] == "int8 row left out: quantizing failed: RuntimeError: no int8 here"
 
 
 @pytest.mark.parametrize("argv, named", [

@@ -1,5 +1,6 @@
 """fold's lowerings: every strategy computes the training form's function."""
 
+import random
 import pytest
 import torch
 from hypothesis import given, settings
@@ -179,7 +180,7 @@ def _timed_auto_fold(monkeypatch, layer_ms: dict | list, model_seconds: dict):
 
     def choose_fastest(candidates, x, backend):
         times = next(per_layer)
-        return min(times, key=times.get), times
+        return auto.Decision(min(times, key=times.get), times, 7)
 
     monkeypatch.setattr(auto, "choose_fastest", choose_fastest)
     monkeypatch.setattr(auto, "interleaved_times", lambda models, *args, rounds, warmup: {
@@ -227,3 +228,79 @@ def test_auto_tries_the_clear_wins_alone_when_they_differ(monkeypatch):
                                                           "clear wins": 0.004})
     assert "whole model: dense 5 ms, per layer 4.5 ms, clear wins 4 ms; kept clear wins]" in first
     assert first.startswith("gather") and second.startswith("dense")
+
+
+def _noisy_timer(seconds: dict, spread: float, seed: int):
+    """A stand-in for interleaved_times: each candidate's samples drawn around ``seconds[key]``
+    (uniform, +-``spread`` of it), from a generator seeded with ``seed``; records the rounds."""
+    generator = random.Random(seed)
+    calls = []
+
+    def timer(models, *args, rounds, warmup):
+        calls.append(rounds)
+        return {key: [seconds[key] * (1 + generator.uniform(-spread, spread)) for _ in range(rounds)]
+                for key in models}
+
+    return timer, calls
+
+
+def _layer_and_input():
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4).eval()
+    return gm.get_submodule("0"), torch.randn(1, 8, 6, 6)
+
+
+def test_auto_gives_the_same_choice_when_the_timings_overlap():
+    """Noisy, overlapping timings: re-timed (bounded), then a tie resolved by the registry's
+    order, the same whatever the noise; the tie is said in the layer's note."""
+    from legofx.lowering import auto
+
+    layer, x = _layer_and_input()
+    offered = auto.lowerings(layer)
+    candidates = {name: lowering.build(layer) for name, lowering in offered.items()
+                  if not lowering.by_name_only}
+    seconds = {name: 1e-3 for name in candidates}
+    chosen = set()
+    for seed in range(40):
+        timer, calls = _noisy_timer(seconds, 0.2, seed)
+        decision = auto.choose_fastest(candidates, x, timer=timer)
+        chosen.add(decision.best)
+        assert decision.tie and 7 < sum(calls) <= 4 * 7 and decision.rounds == sum(calls)
+        assert "tie after" in decision.note()
+    assert chosen == {next(iter(candidates))}  # the layer's default, first in the registry
+
+
+def test_auto_picks_the_clearly_fastest_without_a_tie():
+    from legofx.lowering import auto
+
+    layer, x = _layer_and_input()
+    candidates = {name: lowering.build(layer) for name, lowering in auto.lowerings(layer).items()
+                  if not lowering.by_name_only}
+    last = list(candidates)[-1]
+    seconds = {name: 0.5e-3 if name == last else 1e-3 for name in candidates}
+    for seed in range(20):
+        timer, calls = _noisy_timer(seconds, 0.1, seed)
+        decision = auto.choose_fastest(candidates, x, timer=timer)
+        assert (decision.best, decision.tie, calls) == (last, (), [7, 7])  # confirmed once
+
+
+def test_a_tie_is_written_in_the_folded_layers_lowering(monkeypatch):
+    from legofx.lowering import auto
+
+    timer, _ = _noisy_timer({"gather": 1e-3, "dense": 1e-3, "accumulate": 1e-3, "merge-conv": 1e-3},
+                            0.2, 0)
+    monkeypatch.setattr(auto, "interleaved_times", timer)
+    gm = legofx.transform(nn.Sequential(nn.Conv2d(8, 16, 3)), o=2, m=4).eval()
+    folded = legofx.fold(gm, "auto", example_inputs=torch.randn(1, 8, 6, 6))
+    record, = [r for r in legofx.summary(folded) if r.rewritten]
+    assert "tie after" in record.lowering and "first in the preference order" in record.lowering
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_whole_model_check_keeps_dense_when_the_variants_overlap(monkeypatch, seed):
+    from legofx.lowering import auto
+
+    timer, calls = _noisy_timer({"dense": 5e-3, "per layer": 4.95e-3}, 0.15, seed)
+    monkeypatch.setattr(auto, "interleaved_times", timer)
+    models = {"dense": nn.Identity(), "per layer": nn.Identity()}
+    best, medians = auto.choose_fastest_model(models, (torch.zeros(1),), "eager")
+    assert best == "dense" and "dense (tie after" in " ".join(medians) and sum(calls) > 9

@@ -41,3 +41,26 @@ def test_every_timed_call_ends_after_the_device_finished(monkeypatch):
     times = interleaved_times(models, on_fake_cuda(), rounds=3, warmup=1)
     assert events == ["a", "b", "sync"] + ["a", "sync", "b", "sync"] * 3
     assert {name: len(samples) for name, samples in times.items()} == {"a": 3, "b": 3}
+
+
+def test_decide_confirms_a_clear_choice_and_bounds_a_tie():
+    from legofx.core.timing import decide
+
+    calls = []
+
+    def clear(rounds):  # b always half of a: clear, confirmed on a second batch of rounds
+        calls.append(rounds)
+        return {"a": [2.0] * rounds, "b": [1.0] * rounds}
+
+    decision = decide(clear, ["a", "b"], 5)
+    assert (decision.best, decision.tie, decision.rounds, calls) == ("b", (), 10, [5, 5])
+
+    calls.clear()
+
+    def tied(rounds):  # within 1%: never told apart
+        calls.append(rounds)
+        return {"a": [1.0] * rounds, "b": [0.99] * rounds, "c": [3.0] * rounds}
+
+    decision = decide(tied, ["c", "a"], 5, max_rounds=12)
+    assert (decision.best, decision.tie, decision.rounds, calls) == ("a", ("a", "b"), 12, [5, 5, 2])
+    assert "tie after 12 rounds" in decision.note()

@@ -1,30 +1,27 @@
 """The demo's second part: a network at a realistic size, original vs Lego, on three backends.
 
 A torchvision ResNet-18 (random weights: latency and size do not depend on them) at 224x224 is
-transformed (o=2, m=0.5) and folded with the lowering the project recommends for each backend:
+transformed (o=2, m=0.5) and folded twice, each with its BatchNorms fused (``fuse_batchnorm``),
+with the lowering that runs fastest where it is timed:
 
-- eager PyTorch and ``torch.compile`` (inductor): ``fold(gm, "auto", example_inputs=x,
-  custom_ops=True)``: per layer the fastest lowering, ``fused`` (the C merge kernel) included,
-  timed in eager mode on this machine;
-- ONNX Runtime: ``fold(gm, "accumulate")`` everywhere: it stores what LegoNet stores (Lego
-  filters, coefficients, selection), so the ONNX file is as small as the method promises, and
-  ran as fast in ONNX Runtime as ``auto`` timed in eager mode (which picks ``dense`` for some
-  layers, a larger file) on the project's 2-core machine. Timing every layer's lowerings in
-  ONNX Runtime itself (``fold(gm, "auto", backend="onnxruntime")``: one ONNX export per layer
-  and lowering) took 71 s for ResNet-18 there, more than the demo's whole budget of 2 minutes.
+- eager PyTorch and ``torch.compile`` (inductor): ``fold(gm, "fused", fuse_batchnorm=True)``
+  (the legofx C++ merge kernel), fed channels-last inputs in eager mode;
+- ONNX Runtime, float32 and int8: ``fold(gm, "accumulate", fuse_batchnorm=True)``: what
+  LegoNet stores (Lego filters, coefficients, selection), so the file is as small as the method
+  promises. The int8 file is that same float file, quantized (:mod:`legofx.deploy.quantize`).
 
-Then parameters, ONNX file size and MACs, and the latency at each batch size on each backend,
-original vs Lego timed in turn (:func:`legofx.core.timing.interleaved_times`, medians), beside
-the MAC theory (the original's MACs over the timed Lego model's). In eager mode the original
-also runs channels-last, the layout oneDNN's convolutions prefer and the fused Lego layers use:
-the fair baseline. Where :func:`legofx.export` takes ``quantize="int8"`` an int8 ONNX row is
-added (original and Lego, both quantized); where it does not, a note says so.
+Every speed row is one interleaved run (:func:`legofx.core.timing.interleaved_times`, medians)
+of the Lego model against every variant of the original on that backend: as is, its
+conv+BatchNorm pairs fused (``torch.fx.experimental.optimization.fuse``), and in eager mode both
+channels-last too; the row's baseline is the fastest of them, named. ONNX Runtime fuses
+BatchNorm into the convs itself, so there the original runs as exported. Beside it, the MAC
+theory: the original's MACs over the timed Lego model's.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,20 +29,25 @@ import torch
 from torch import nn
 
 from legofx.core.arguments import check_choice, check_positive_int
+from legofx.core.layer import RewrittenLayer
 from legofx.core.modes import kept_modes
 from legofx.core.numerics import relative_error
 from legofx.core.progress import progress
-from legofx.core.timing import interleaved_times, median_ms
+from legofx.core.timing import interleaved_times, median_ms, relative_spread
 from legofx.deploy.compiler import compile as compile_for
 from legofx.deploy.exporter import export
-from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule
+from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule, numpy_input
+from legofx.deploy.quantize import int8_agreement, quantize_file
 from legofx.lowering.fold import fold
 from legofx.methods.lego.api import transform
 from legofx.report import measure_macs
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
-LOWERINGS = {"eager": "auto, custom ops (timed eager)", "inductor": "auto, custom ops (timed eager)",
-             "onnxruntime": "accumulate"}
+# the Lego fold timed on each backend (the keys of ``folds``) and how it is described
+LEGO_FOLD = {"eager": "fused", "inductor": "fused", "onnxruntime": "accumulate",
+             "onnxruntime int8": "accumulate"}
+FOLD_LABELS = {"fused": "fold 'fused', BN fused", "accumulate": "fold 'accumulate', BN fused"}
+CALIBRATION_BATCHES = 4
 
 
 @dataclass
@@ -68,11 +70,6 @@ class Setup:
         self.backends = tuple(check_choice("backend", b, BACKENDS) for b in self.backends)
 
 
-def int8_export_available() -> bool:
-    """Whether :func:`legofx.export` takes ``quantize=`` (int8 ONNX export)."""
-    return "quantize" in inspect.signature(export).parameters
-
-
 class ChannelsLast(nn.Module):
     """A copy of ``model`` with its 4-D weights channels-last, fed channels-last inputs (the
     conversion of the input is timed): the layout oneDNN's CPU convolutions run fastest in."""
@@ -89,19 +86,39 @@ def float_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.is_floating_point())
 
 
-def plan(setup: Setup, int8: bool) -> list[str]:
+def same_graph(folded: nn.Module) -> bool:
+    """Whether every folded layer of ``folded`` is dense: then it computes what the original
+    computes, the same way (``auto`` can keep every layer dense), and a speed ratio is noise."""
+    lowered = [m for m in folded.modules() if isinstance(m, RewrittenLayer)]
+    return bool(lowered) and all(getattr(m, "lowering_name", None) == "dense" for m in lowered)
+
+
+def original_variants(original: nn.Module, backend: str) -> dict[str, nn.Module]:
+    """The original as it could be deployed on ``backend``: as is, BatchNorm fused, and (eager)
+    both channels-last; the original itself is not touched."""
+    from torch.fx.experimental.optimization import fuse
+
+    variants = {"original": original}
+    try:
+        variants["original, BN fused"] = fuse(copy.deepcopy(original)).eval()
+    except Exception:  # noqa: BLE001 - fx cannot trace it: the original as is stays
+        pass
+    if backend == "eager":
+        variants.update({f"{key}, channels-last": ChannelsLast(model) for key, model in list(variants.items())})
+    return variants
+
+
+def plan(setup: Setup) -> list[str]:
     """The names of the steps, in order (progress reports them)."""
-    steps = ["transform and fold (lowerings timed per layer)", "parameters and MACs"]
+    steps = ["transform and fold", "parameters and MACs"]
     if "eager" in setup.backends:
         steps.append("eager: timing")
     if "inductor" in setup.backends:
         steps += [f"torch.compile: compiling for batch {b}" for b in setup.batches]
         steps.append("torch.compile: timing")
-    steps.append("ONNX: export and check")
+    steps.append("ONNX: export, check, quantize to int8")
     if "onnxruntime" in setup.backends:
-        steps.append("ONNX Runtime: timing")
-        if int8:
-            steps.append("ONNX Runtime int8: export, calibrate, time")
+        steps.append("ONNX Runtime: timing, float32 and int8")
     return steps
 
 
@@ -115,74 +132,81 @@ def run(model: nn.Module, setup: Setup | None = None, out_dir: Path | str = ".",
         return _run(model, setup, Path(out_dir), name, quiet, seed)
 
 
+class Stopwatch:
+    """Seconds spent per named part, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.part, self.start = None, time.perf_counter()
+
+    def next(self, part: str | None) -> None:
+        now = time.perf_counter()
+        if self.part is not None:
+            self.seconds[self.part] = self.seconds.get(self.part, 0.0) + now - self.start
+        self.part, self.start = part, now
+
+
 def _run(original: nn.Module, setup: Setup, out_dir: Path, name: str, quiet: bool, seed: int) -> dict:
-    int8 = "onnxruntime" in setup.backends and int8_export_available()
-    steps = iter(progress(plan(setup, int8), f"{name} at {setup.size}x{setup.size}", "step", quiet))
+    steps = iter(progress(plan(setup), f"{name} at {setup.size}x{setup.size}", "step", quiet))
+    clock = Stopwatch()
     generator = torch.Generator().manual_seed(seed)
     inputs = {b: torch.randn(b, 3, setup.size, setup.size, generator=generator) for b in setup.batches}
-    largest, smallest = inputs[setup.batches[-1]], inputs[setup.batches[0]]
+    smallest = inputs[setup.batches[0]]
 
-    next(steps)
+    next(steps), clock.next("transform and fold")
     gm = transform(original, o=setup.o, m=setup.m).eval()
-    folded = {"eager": fold(gm, "auto", example_inputs=largest, custom_ops=True),
-              "onnxruntime": fold(gm, "accumulate")}
-    folded["inductor"] = folded["eager"]
+    folds = {lowering: fold(gm, lowering, fuse_batchnorm=True) for lowering in ("fused", "accumulate")}
     with torch.no_grad():
         reference = gm(smallest)
-        fold_error = max(relative_error(f(smallest), reference) for f in folded.values())
+        fold_error = max(relative_error(f(smallest), reference) for f in folds.values())
 
-    next(steps)
-    counts = {backend: measure_macs(f, smallest[:1])[1:] for backend, f in folded.items()}
-    macs_before = counts["onnxruntime"][0]  # the original's MACs, whatever the lowering
-    macs = {backend: after for backend, (_, after) in counts.items()}
-    theory = {backend: macs_before / after for backend, after in macs.items()}
-    results = {
-        "model": name, "setup": asdict(setup), "fold_error": fold_error,
-        "size": {"original": {"params": float_params(original), "macs": macs_before},
-                 "lego": {"params": float_params(folded["onnxruntime"]), "macs": macs["onnxruntime"]}},
-        "lowerings": {backend: LOWERINGS[backend] for backend in setup.backends},
-        "latency": [],
-    }
+    next(steps), clock.next("parameters and MACs")
+    counts = {lowering: measure_macs(f, smallest[:1])[1:] for lowering, f in folds.items()}
+    macs_before = counts["accumulate"][0]
+    size = {"original": {"fold": "", "params": float_params(original), "macs": macs_before}}
+    size.update({lowering: {"fold": FOLD_LABELS[lowering], "params": float_params(f),
+                            "macs": counts[lowering][1], "same_graph": same_graph(f)}
+                 for lowering, f in folds.items()})
+    results = {"model": name, "setup": asdict(setup), "fold_error": fold_error, "size": size,
+               "latency": []}
 
-    def timed(backend: str, pair: dict, label: str | None = None) -> None:
+    def timed(backend: str, originals: dict, lego: nn.Module) -> None:
+        lowering = LEGO_FOLD[backend]
         for batch, x in inputs.items():
-            times = interleaved_times(pair, x, rounds=setup.rounds, warmup=1)
+            times = interleaved_times({**originals, "lego": lego}, x, rounds=setup.rounds, warmup=1)
             ms = {key: median_ms(samples) for key, samples in times.items()}
-            for baseline in [key for key in ms if key != "lego"]:
-                results["latency"].append({
-                    "backend": label or backend, "baseline": baseline, "batch": batch,
-                    "original_ms": ms[baseline], "lego_ms": ms["lego"],
-                    "speedup": ms[baseline] / ms["lego"], "theory": theory[backend]})
+            baseline = min(originals, key=ms.get)
+            results["latency"].append({
+                "backend": backend, "batch": batch, "lowering": FOLD_LABELS[lowering],
+                "baseline": baseline, "baselines_ms": {key: ms[key] for key in originals},
+                "original_ms": ms[baseline], "lego_ms": ms["lego"],
+                "speedup": ms[baseline] / ms["lego"], "theory": macs_before / size[lowering]["macs"],
+                "same_graph": size[lowering]["same_graph"],
+                "spread": max(relative_spread(times[key]) for key in (baseline, "lego"))})
 
     if "eager" in setup.backends:
-        next(steps)
-        timed("eager", {"original": original, "original, channels-last": ChannelsLast(original),
-                        "lego": folded["eager"]})
+        next(steps), clock.next("eager: timing")
+        timed("eager", original_variants(original, "eager"), ChannelsLast(folds["fused"]))
     if "inductor" in setup.backends:
-        compiled = compiled_per_batch({"original": original, "lego": folded["inductor"]}, inputs, steps)
-        next(steps)
-        timed("inductor", compiled)
+        clock.next("torch.compile: compiling")
+        compiled = compiled_per_batch({**original_variants(original, "inductor"), "lego": folds["fused"]},
+                                      inputs, steps)
+        next(steps), clock.next("torch.compile: timing")
+        lego = compiled.pop("lego")
+        timed("inductor", compiled, lego)
 
-    next(steps)
-    files = {key: export(module, (smallest,), out_dir / f"{name}{suffix}.onnx", check=None)
-             for key, module, suffix in (("original", original, ""),
-                                         ("lego", folded["onnxruntime"], "_lego"))}
-    for key, exported in files.items():
-        size = results["size"][key]
-        size["file_mb"] = exported.path.stat().st_size / 2**20
-        size["onnx_error"] = exported.max_error
+    next(steps), clock.next("ONNX: export, check, quantize")
+    files = onnx_files({"original": original, "lego": folds["accumulate"]}, smallest, out_dir, name,
+                       generator, results)
     if "onnxruntime" in setup.backends:
-        next(steps)
-        timed("onnxruntime", {key: OnnxRuntimeModule.from_file(exported.path, session_config=TAKING_TURNS)
-                              for key, exported in files.items()})
-        if int8:
-            next(steps)
-            # int8 changes which lowering is fastest: each layer's, timed as int8, then the model
-            lego_int8 = fold(gm, "auto", example_inputs=largest, backend="onnxruntime-int8",
-                             fuse_batchnorm=True)
-            results["int8"] = int8_rows(results, {"original": original, "lego": lego_int8},
-                                        inputs, setup, out_dir, name, generator, timed)
-            results["lowerings"]["onnxruntime int8"] = "auto timed as int8 (onnxruntime-int8), BN fused"
+        next(steps), clock.next("ONNX Runtime: timing")
+        for backend, suffix in (("onnxruntime", ""), ("onnxruntime int8", "_int8")):
+            if "original" + suffix in files and "lego" + suffix in files:
+                sessions = {key: OnnxRuntimeModule.from_file(files[key + suffix], session_config=TAKING_TURNS)
+                            for key in ("original", "lego")}
+                timed(backend, {"original": sessions["original"]}, sessions["lego"])
+    clock.next(None)
+    results["seconds"] = clock.seconds
     for _ in steps:  # closes the progress bar
         pass
     return results
@@ -202,22 +226,34 @@ def compiled_per_batch(models: dict, inputs: dict, steps) -> dict:
     return compiled
 
 
-def int8_rows(results: dict, models: dict, inputs: dict, setup: Setup, out_dir: Path, name: str,
-              generator: torch.Generator, timed) -> str:
-    """Time original and Lego exported with ``quantize="int8"`` in ONNX Runtime (rows
-    "onnxruntime int8"); returns what happened, for the printed note."""
-    calibration = [torch.randn(inputs[setup.batches[-1]].shape, generator=generator) for _ in range(4)]
-    smallest = inputs[setup.batches[0]]
-    try:
-        files = {key: export(module, (smallest,), out_dir / f"{name}{suffix}_int8.onnx", check=None,
-                             quantize="int8", calibration=calibration)
-                 for key, module, suffix in (("original", models["original"], ""),
-                                             ("lego", models["lego"], "_lego"))}
-    except Exception as err:  # an optional feature of another module: the rest of the demo stands
-        return f"int8 export failed, row left out: {type(err).__name__}: {err}"
-    for key, exported in files.items():
-        results["size"][key]["int8_file_mb"] = exported.path.stat().st_size / 2**20
-    timed("onnxruntime", {key: OnnxRuntimeModule.from_file(exported.path, session_config=TAKING_TURNS)
-                          for key, exported in files.items()}, label="onnxruntime int8")
-    return ("int8: original and Lego (fold(auto, backend='onnxruntime-int8')) exported with "
-            "legofx.export(quantize='int8'), 4 random calibration batches")
+def onnx_files(models: dict, example: torch.Tensor, out_dir: Path, name: str,
+               generator: torch.Generator, results: dict) -> dict[str, Path]:
+    """``models`` (original, Lego) exported to ONNX (checked in ONNX Runtime), and the same files
+    quantized to int8 (QDQ, calibrated on random batches, checked: cosine similarity to the
+    float model); their sizes go into ``results["size"]``. Returns key (``_int8`` for int8) ->
+    file; int8 files are left out, with a note in ``results["int8"]``, when quantizing fails."""
+    files = {}
+    calibration = [torch.randn(example.shape, generator=generator) for _ in range(CALIBRATION_BATCHES)]
+    cosine = 1.0
+    for key, model in models.items():
+        target = "accumulate" if key == "lego" else "original"
+        exported = export(model, (example,), out_dir / f"{name}{'_lego' if key == 'lego' else ''}.onnx",
+                          check=None)
+        files[key] = exported.path
+        results["size"][target].update(file_bytes=exported.path.stat().st_size, onnx_error=exported.max_error)
+        int8 = exported.path.with_name(exported.path.stem + "_int8.onnx")
+        session_inputs = OnnxRuntimeModule.from_file(exported.path).input_names
+        try:
+            quantize_file(exported.path, int8, [{session_inputs[0]: numpy_input(x)} for x in calibration])
+            with torch.no_grad():
+                cosine = min(cosine, int8_agreement(OnnxRuntimeModule.from_file(int8)(example), model(example))[0])
+        except Exception as err:  # noqa: BLE001 - an optional row: the rest of the demo stands
+            results["int8"] = f"int8 row left out: quantizing failed: {type(err).__name__}: {err}"[:300]
+            continue
+        files[f"{key}_int8"] = int8
+        results["size"][target]["int8_file_bytes"] = int8.stat().st_size
+    if "int8" not in results:
+        results["int8"] = (f"int8: the float ONNX files above, quantized (QDQ, onnxruntime static "
+                           f"quantization, {CALIBRATION_BATCHES} random calibration batches); "
+                           f"worst cosine similarity to the float model {cosine:.4f}")
+    return files

@@ -21,14 +21,17 @@ from torch import Tensor, nn
 
 from legofx.core.layer import RewrittenLayer
 from legofx.core.modes import kept_modes
-from legofx.core.timing import interleaved_times, median_ms
+from legofx.core.timing import Decision, decide, interleaved_times
 from legofx.lowering.registry import BACKENDS, LoweringUnavailable, known_lowerings, lowerings
 
 CUSTOM_OP_BACKENDS = ("eager", "inductor")
 # Whole-model check: a variant other than every layer dense is kept only when its median is
-# below this fraction of the dense model's. Closer than 2% is within the timing noise of
-# interleaved medians here, and the dense model is the original's own graph.
+# below this fraction of the dense model's (and outside its spread). Closer than 2% is within
+# the timing noise of interleaved medians here, and the dense model is the original's own graph.
 KEEP_BELOW = 0.98
+# A layer's lowerings whose medians are closer than this fraction (or inside each other's
+# interquartile range) cannot be told apart: timed again, then a tie (:func:`decide`).
+LAYER_MARGIN = 0.03
 # A layer's choice counts as a clear win when it took at most this fraction of the layer's
 # dense time alone: a layer timed alone does not pay what it costs in context (ONNX Runtime
 # reorders NCHWc blocks around non-conv ops and fuses Conv+BatchNorm+activation only for convs).
@@ -52,14 +55,17 @@ def check_backend(backend, strategy, custom_ops: bool = False) -> None:
 
 
 def choose_fastest(candidates: dict[str, nn.Module], x: Tensor, rounds: int = 7,
-                   backend: str = "eager") -> tuple[str, dict]:
-    """The candidate that runs ``x`` fastest on ``backend`` by median of interleaved timings
-    (:func:`legofx.core.timing.interleaved_times`); returns its key and the medians in ms."""
+                   backend: str = "eager", timer=None) -> Decision:
+    """The candidate that runs ``x`` fastest on ``backend``, by medians of interleaved timings
+    (``timer``, default :func:`legofx.core.timing.interleaved_times`), re-timed while undecided
+    and, when the candidates stay within :data:`LAYER_MARGIN` or each other's spread, a tie
+    resolved by their order in ``candidates`` (the registry's: the layer's default first)."""
+    timer = timer or interleaved_times
     with kept_modes(*candidates.values(), training=False):
         runnable = {key: BACKENDS[backend](layer, x) for key, layer in candidates.items()}
-        times = interleaved_times(runnable, x, rounds=rounds, warmup=2 if backend != "eager" else 1)
-    medians = {key: median_ms(samples) for key, samples in times.items()}
-    return min(medians, key=medians.get), medians
+        warmup = 2 if backend != "eager" else 1
+        return decide(lambda n: timer(runnable, x, rounds=n, warmup=warmup), list(candidates),
+                      rounds, margin=LAYER_MARGIN)
 
 
 def check_strategy(strategy, layers: dict[str, RewrittenLayer]) -> None:
@@ -117,8 +123,8 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
         return default.build(layer, **options), None
     key = timing_key(layer, example, backend, custom_ops, tuple(sorted(options.items(), key=str)))
     if timed is not None and key in timed:
-        medians, note = timed[key]
-        chosen = offered[min(medians, key=medians.get)].build(layer, **options)
+        best, medians, note = timed[key]
+        chosen = offered[best].build(layer, **options)
         chosen.lowering = f"{chosen.lowering} [auto{note}, as timed for a layer of the same shape]"
         return chosen, medians
     candidates, dropped = {}, {}
@@ -129,14 +135,16 @@ def lower(layer: RewrittenLayer, strategy: str | None, example: Tensor | None,
             if name == default.name:
                 raise
             dropped[name] = str(why).splitlines()[0]
-    best, medians = choose_fastest(candidates, example, backend=backend)
+    decision = choose_fastest(candidates, example, backend=backend)
+    best, medians = decision.best, decision.medians
     chosen = candidates[best]
     timings = ", ".join(f"{name} {ms:.3g} ms" for name, ms in medians.items())
+    timings += f"; {decision.note()}" if decision.tie else ""
     timings += "".join(f"; {name} dropped: {why}" for name, why in dropped.items())
     where = "" if backend == "eager" else f" on {backend}"
     chosen.lowering = f"{chosen.lowering} [auto{where}: {timings}]"
     if timed is not None:
-        timed[key] = (medians, f"{where}: {timings}")
+        timed[key] = (best, medians, f"{where}: {timings}")
     return chosen, medians
 
 
@@ -168,9 +176,11 @@ def whole_model_variants(layers: dict[str, RewrittenLayer], chosen: dict[str, Re
     alone) and ``clear wins`` (those only where they took at most :data:`CLEAR_WIN` of the
     layer's dense time, dense elsewhere). Layers that were not timed keep their lowering.
     ``medians``: name -> each candidate's median ms, for the timed layers (:func:`lower`).
-    Variants equal to an earlier one are left out; ``{}`` when there is nothing to compare."""
+    Variants equal to an earlier one are left out; ``{}`` when there is nothing to compare.
+    A layer's fastest is the lowering its build took (a tie resolved as :func:`lower` did)."""
     timed = {name: times for name, times in medians.items() if "dense" in times}
-    fastest = {name: min(times, key=times.get) for name, times in timed.items()}
+    fastest = {name: getattr(chosen[name], "lowering_name", None) or min(times, key=times.get)
+               for name, times in timed.items()}
     per_layer = {name for name, best in fastest.items() if best != "dense"}
     wins = {name for name in per_layer if timed[name][fastest[name]] <= CLEAR_WIN * timed[name]["dense"]}
     unique: dict[str, set] = {}
@@ -195,16 +205,17 @@ def noted(layer: RewrittenLayer, timed: RewrittenLayer, note: str) -> None:
 def choose_fastest_model(models: dict[str, nn.Module], example_inputs: tuple, backend: str,
                          rounds: int = 9, example_kwargs: dict | None = None) -> tuple[str, dict]:
     """The key of the fastest of ``models`` (the whole model under each variant of
-    :func:`whole_model_variants`) on ``backend``, by interleaved medians; ``dense`` unless
-    another is below :data:`KEEP_BELOW` of its time. Returns the key and the medians in ms."""
+    :func:`whole_model_variants`) on ``backend``, by interleaved medians, re-timed while
+    undecided (:func:`legofx.core.timing.decide`); ``dense`` unless another is below
+    :data:`KEEP_BELOW` of its time and outside its spread. Returns the key and the medians in
+    ms; after a tie, the kept key's entry reads ``"KEY (tie: kept)"``, so a report shows it."""
     with kept_modes(*models.values(), training=False):
         runnable = {key: BACKENDS[backend](model, example_inputs) for key, model in models.items()}
         if example_kwargs:  # eager only (fold times compiled whole models on tensor inputs)
             runnable = {key: functools.partial(run, **example_kwargs) for key, run in runnable.items()}
-        times = interleaved_times(runnable, *example_inputs, rounds=rounds,
-                                  warmup=2 if backend != "eager" else 1)
-    medians = {key: median_ms(samples) for key, samples in times.items()}
-    best = min(medians, key=medians.get)
-    if "dense" in medians and medians[best] > KEEP_BELOW * medians["dense"]:
-        best = "dense"
-    return best, medians
+        warmup = 2 if backend != "eager" else 1
+        decision = decide(lambda n: interleaved_times(runnable, *example_inputs, rounds=n, warmup=warmup),
+                          ["dense", *models], rounds, margin=1 - KEEP_BELOW)
+    medians = {(f"{key} (tie after {decision.rounds} rounds: kept)" if decision.tie and key == decision.best
+                else key): ms for key, ms in decision.medians.items()}
+    return decision.best, medians
