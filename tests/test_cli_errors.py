@@ -180,6 +180,10 @@ def test_a_failed_verification_leaves_no_folder_behind(net, tmp_path, capsys, mo
     (["export", "m.py:f", "--out", "x.onnx", "--batch", "b"], "argument --batch: expected an integer"),
     (["export", "m.py:f", "--out", "x.onnx", "--quantize", "int8", "--calibration", "0"],
      "argument --calibration: expected an integer >= 1, got '0'"),
+    (["demo", "--epochs", "ten"], "argument --epochs: expected an integer, got 'ten'"),
+    (["demo", "--batches", "1", "0"], "argument --batches: expected an integer >= 1, got '0'"),
+    (["demo", "--rounds", "0"], "argument --rounds: expected an integer >= 1, got '0'"),
+    (["demo", "--tolerance", "-1"], "argument --tolerance: expected a number >= 0, got '-1'"),
 ])
 def test_typed_options_say_what_they_expected(args, message, capsys):
     with pytest.raises(SystemExit) as exit:

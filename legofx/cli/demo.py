@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from legofx.cli.options import integer, non_negative_number, positive_integer
+
 ROWS = (("dense", "dense CNN"), ("scratch", "Lego o=2 m=0.5, from scratch"),
         ("tuned", "Lego o=2 m=0.5, init='weights' + fine-tune"))
 DEFAULT_MODEL = "torchvision:resnet18"
@@ -272,21 +274,21 @@ def add_parser(commands) -> None:
     demo = commands.add_parser(
         "demo", help="train a CNN and its Lego versions on real data, then time a ResNet-18 "
                      "original vs Lego on three backends; tables, a picture and JSON")
-    demo.add_argument("--epochs", type=int, default=10, help="part 1: training epochs per model (default 10)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=positive_integer, default=10, help="part 1: training epochs per model (default 10)")
+    demo.add_argument("--seed", type=integer, default=0)
     demo.add_argument("--out", default="legofx-demo",
                       help="folder for demo.png and demo.json (default ./legofx-demo)")
     demo.add_argument("--keep-onnx", action="store_true", help="keep the exported ONNX files in --out")
     demo.add_argument("--model", default=DEFAULT_MODEL,
                       help=f"part 2: torchvision:NAME, timm:NAME or file.py:factory (default {DEFAULT_MODEL})")
-    demo.add_argument("--size", type=int, default=224, help="part 2: input height and width (default 224)")
-    demo.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="part 2: batch sizes (default 1 8)")
-    demo.add_argument("--rounds", type=int, default=7, help="part 2: timed runs per model and batch (default 7)")
+    demo.add_argument("--size", type=positive_integer, default=224, help="part 2: input height and width (default 224)")
+    demo.add_argument("--batches", type=positive_integer, nargs="+", default=[1, 8], help="part 2: batch sizes (default 1 8)")
+    demo.add_argument("--rounds", type=positive_integer, default=7, help="part 2: timed runs per model and batch (default 7)")
     demo.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                       help="part 2: where to time (default: all)")
     demo.add_argument("--write-docs", metavar="PATH", default=None,
                       help="also write the output and its JSON as a markdown page (docs/demo_output.md)")
     demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    demo.add_argument("--tolerance", type=float, default=1e-5,
+    demo.add_argument("--tolerance", type=non_negative_number, default=1e-5,
                       help="largest relative error of fold vs training form (float32)")
     demo.set_defaults(handler=cmd_demo)
