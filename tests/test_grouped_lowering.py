@@ -8,7 +8,7 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx.lowering.by_macs import by_macs, mac_ratio
-from legofx.methods.lego.lowerings.grouped import GroupedGatherLegoConv2d, GroupedLegoConv2d
+from legofx.methods.lego.lowerings.grouped import GroupedGatherLegoConv2d, GroupedLegoConv2d, blocked
 from legofx.testing import conv_cases
 
 KINDS = {"grouped": GroupedLegoConv2d, "grouped-gather": GroupedGatherLegoConv2d}
@@ -71,3 +71,12 @@ def test_by_macs_keeps_the_lowering_only_where_it_needs_few_enough_macs():
     assert ratios["2"] > 1  # a widening 1x1: the merge costs more than the conv saves
     assert by_macs(gm, "grouped") == {"0": "grouped", "1": "grouped", "2": "dense"}
     assert by_macs(gm, "grouped", keep_below=0.7) == {"0": "grouped", "1": "dense", "2": "dense"}
+
+
+def test_by_macs_where_keeps_unblocked_grouped_convs_dense():
+    net = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 16, 3), nn.Conv2d(16, 32, 3))
+    gm = legofx.transform(net, o=2, m=0.5).eval()
+    # c/o = 32, 32, 8 and m = 32, 8, 16: only the first is in ONNX Runtime's 16-channel blocks
+    assert [blocked(gm.get_submodule(name)) for name in "012"] == [True, False, False]
+    assert [blocked(gm.get_submodule(name), 8) for name in "012"] == [True, True, True]
+    assert by_macs(gm, "grouped", where=blocked) == {"0": "grouped", "1": "dense", "2": "dense"}

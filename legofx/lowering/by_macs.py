@@ -10,6 +10,8 @@ not memory-bound ones (``gather``), whose MACs say little about their time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from legofx.core.layer import RewrittenLayer
@@ -28,9 +30,11 @@ def mac_ratio(layer: RewrittenLayer, lowering: str, **options) -> float:
 
 
 def by_macs(gm: nn.Module, lowering: str, fallback: str = "dense",
-            keep_below: float = KEEP_BELOW, **options) -> dict[str, str]:
-    """Layer name -> ``lowering`` where it needs at most ``keep_below`` of the dense MACs, else
-    ``fallback``, for every training-form layer of ``gm`` that offers both."""
+            keep_below: float = KEEP_BELOW, where: Callable[[RewrittenLayer], bool] | None = None,
+            **options) -> dict[str, str]:
+    """Layer name -> ``lowering`` where it needs at most ``keep_below`` of the dense MACs (and
+    ``where(layer)`` holds, when given), else ``fallback``, for every training-form layer of
+    ``gm`` that offers both."""
     chosen = {}
     for name, layer in gm.named_modules():
         if not (isinstance(layer, RewrittenLayer) and layer.form == "training"):
@@ -38,5 +42,6 @@ def by_macs(gm: nn.Module, lowering: str, fallback: str = "dense",
         offered = lowerings(layer)
         if lowering in offered and fallback in offered:
             pays = mac_ratio(layer, lowering, **options) <= keep_below
+            pays = pays and (where is None or where(layer))
             chosen[name] = lowering if pays else fallback
     return chosen

@@ -37,6 +37,14 @@ def grouped_conv(x, lego, layer):
                     layer.dilation, layer.o)
 
 
+def blocked(layer, block: int = 16) -> bool:
+    """Whether ONNX Runtime's CPU provider runs ``layer``'s grouped Lego conv in its blocked
+    layout (NCHWc): channels per group in and out (``c/o``, ``m``) multiples of its block (16
+    with AVX-512, 8 with AVX2). Where they are not, the conv runs in plain NCHW between two
+    layout reorders; ``by_macs(gm, "grouped", where=blocked)`` keeps such layers dense."""
+    return (layer.in_channels // layer.o) % block == 0 and layer.m % block == 0
+
+
 class GroupedLegoConv2d(MergeConvLegoConv2d):
     """Inference form: ``lego``, the merge kernel ``merge`` ``(n, o*m, 1, 1)``, ``bias``."""
 
