@@ -1,6 +1,6 @@
 """Batch-1 and batch-8 ONNX Runtime latency of Lego models in several forms against the original.
 
-    python benchmarks/ort_latency.py                 # four models, 2 m, 2 forms: ~8-10 min quiet
+    python benchmarks/ort_latency.py      # 4 models x 2 m x 2 forms: ~13 min at load 5, est. 7-9 quiet
     python benchmarks/ort_latency.py --models resnet50 --ms 0.5 --batches 8 --rounds 9
     python benchmarks/ort_latency.py --models unet fpn --forms "3x3 gather"
 
