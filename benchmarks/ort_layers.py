@@ -29,7 +29,7 @@ from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule
 # (name, c, n, k, stride, H): ResNet-50's layer2 / layer3 convs at 224x224
 SHAPES = [("l2 3x3 128", 128, 128, 3, 1, 28), ("l3 3x3 256", 256, 256, 3, 1, 14),
           ("l2 1x1 512->128", 512, 128, 1, 1, 28), ("l2 1x1 128->512", 128, 512, 1, 1, 28)]
-LOWERINGS = ["gather", "merge-conv", "grouped", "grouped-gather", "dense"]
+LOWERINGS = ["gather", "merge-conv", "grouped", "grouped-compact", "grouped-gather", "dense"]
 
 
 def session(model: nn.Module, x: torch.Tensor, folder: Path, name: str) -> tuple:

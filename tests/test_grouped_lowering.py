@@ -8,10 +8,12 @@ from torch import nn
 import legofx
 from helpers import randomize_lego, relative_error, tolerance
 from legofx.lowering.by_macs import by_macs, mac_ratio
-from legofx.methods.lego.lowerings.grouped import GroupedGatherLegoConv2d, GroupedLegoConv2d, blocked
+from legofx.methods.lego.lowerings.grouped import (CompactGroupedLegoConv2d, GroupedGatherLegoConv2d,
+                                                 GroupedLegoConv2d, blocked)
 from legofx.testing import conv_cases
 
-KINDS = {"grouped": GroupedLegoConv2d, "grouped-gather": GroupedGatherLegoConv2d}
+KINDS = {"grouped": GroupedLegoConv2d, "grouped-compact": CompactGroupedLegoConv2d,
+         "grouped-gather": GroupedGatherLegoConv2d}
 
 
 def transformed(case, seed=0):

@@ -68,6 +68,38 @@ class GroupedLegoConv2d(MergeConvLegoConv2d):
             return F.conv2d(maps, attr("merge"), attr("bias"))
 
 
+def merge_kernel(index, coef, width: int):
+    """The merge as a 1x1 conv kernel ``(n, width, 1, 1)``, ``width = o*m``, built from the
+    gather form's ``index`` ``(n*o,)`` and ``coef`` ``(n, o)``: ``kernel[j, index[j*o+i]] =
+    coef[j, i]`` (fragments select disjoint channels). Made of constants only, so ONNX Runtime
+    computes it once, when it loads the file (constant folding), and the file keeps the gather
+    form's small tensors."""
+    n, o = coef.shape
+    channels = torch.arange(width, device=index.device)
+    onehot = (index.unsqueeze(-1) == channels).to(coef.dtype).unflatten(0, (n, o))
+    return (onehot * coef.unsqueeze(-1)).sum(1).reshape(n, width, 1, 1)
+
+
+class CompactGroupedLegoConv2d(FoldedLegoConv2d):
+    """``grouped``'s graph with the gather form's tensors (and ``state_dict``): the repeated
+    Lego filters and the merge kernel are computed in the graph from ``lego``, ``index`` and
+    ``coef``."""
+
+    lowering = "grouped-compact (grouped conv, 1x1 conv with coef*M built in the graph)"
+
+    def macs(self, output_shape):
+        pixels = output_shape[0] * output_shape[2] * output_shape[3]
+        n, c, (kh, kw) = self.out_channels, self.in_channels, self.kernel_size
+        return pixels * n * c * kh * kw, pixels * (self.m * c * kh * kw + n * self.o * self.m)
+
+    def compute(self, x, attr, stage):
+        with stage("lego_conv"):
+            maps = grouped_conv(x, attr("lego"), self)
+        with stage("merge"):
+            kernel = merge_kernel(self._index(attr), attr("coef"), self.o * self.m)
+            return F.conv2d(maps, kernel, attr("bias"))
+
+
 class GroupedGatherLegoConv2d(FoldedLegoConv2d):
     """Inference form with the gather form's tensors, the Lego conv as one grouped conv."""
 
@@ -84,6 +116,12 @@ class GroupedGatherLegoConv2d(FoldedLegoConv2d):
 @register_lowering(LegoConv2d, "grouped")
 def grouped_lowering(layer: LegoConv2d, **options) -> GroupedLegoConv2d:
     return GroupedLegoConv2d(layer)
+
+
+@register_lowering(LegoConv2d, "grouped-compact")
+def compact_grouped_lowering(layer: LegoConv2d, index_dtype: torch.dtype | str = torch.int64,
+                             **options) -> CompactGroupedLegoConv2d:
+    return CompactGroupedLegoConv2d(layer, check_index_dtype(index_dtype, layer.o * layer.m - 1))
 
 
 @register_lowering(LegoConv2d, "grouped-gather")
