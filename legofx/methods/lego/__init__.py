@@ -2,4 +2,4 @@
 (registered on import) and the training aids."""
 
 from legofx.methods.lego import layers  # noqa: F401  (registers gather and dense)
-from legofx.methods.lego.lowerings import accumulate, fused, merge_conv  # noqa: F401  (register)
+from legofx.methods.lego.lowerings import accumulate, fused, grouped, merge_conv  # noqa: F401  (register)
