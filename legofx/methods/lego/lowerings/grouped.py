@@ -113,18 +113,18 @@ class GroupedGatherLegoConv2d(FoldedLegoConv2d):
                                   self.out_channels, self.o)
 
 
-@register_lowering(LegoConv2d, "grouped")
+@register_lowering(LegoConv2d, "grouped", by_name_only=True)  # not an auto candidate: by_macs picks it
 def grouped_lowering(layer: LegoConv2d, **options) -> GroupedLegoConv2d:
     return GroupedLegoConv2d(layer)
 
 
-@register_lowering(LegoConv2d, "grouped-compact")
+@register_lowering(LegoConv2d, "grouped-compact", by_name_only=True)
 def compact_grouped_lowering(layer: LegoConv2d, index_dtype: torch.dtype | str = torch.int64,
                              **options) -> CompactGroupedLegoConv2d:
     return CompactGroupedLegoConv2d(layer, check_index_dtype(index_dtype, layer.o * layer.m - 1))
 
 
-@register_lowering(LegoConv2d, "grouped-gather")
+@register_lowering(LegoConv2d, "grouped-gather", by_name_only=True)
 def grouped_gather_lowering(layer: LegoConv2d, index_dtype: torch.dtype | str = torch.int64,
                             **options) -> GroupedGatherLegoConv2d:
     return GroupedGatherLegoConv2d(layer, check_index_dtype(index_dtype, layer.o * layer.m - 1))
