@@ -20,7 +20,8 @@ itself, so the exported original is the BN-fused original. Lego forms (BatchNorm
   per group are not multiples of 16 (``blocked``: ONNX Runtime's NCHWc convs with AVX-512);
 - with ``--forms`` only: ``grouped by MACs`` (``, blocked``): the same graphs from files that
   store the repeated Lego filters and the merge kernel; ``grouped kxk``: ``grouped`` on the
-  layers with a kernel larger than 1x1, dense on 1x1.
+  layers with a kernel larger than 1x1, dense on 1x1; ``grouped-compact kxk, blocked``: the
+  blocked compact form on kxk layers only.
 
 ``theory``: MACs original / form (``legofx.report.measure_macs`` of the folded model; the
 ``grouped`` merge counts ``n*o*m`` per pixel). File sizes in MB (10^6 bytes).
@@ -56,7 +57,7 @@ SIZES = {"resnet18": 224, "resnet50": 224, "mobilenet_v2": 224, "yolov8n": 320,
 SECONDS = {"resnet18": 40, "resnet50": 75, "mobilenet_v2": 50, "yolov8n": 90, "smp-unet": 70,
            "smp-fpn": 70}
 FORMS = ["gather", "grouped by MACs", "grouped by MACs, blocked", "grouped kxk",
-         "grouped-compact by MACs", "grouped-compact by MACs, blocked"]
+         "grouped-compact by MACs", "grouped-compact by MACs, blocked", "grouped-compact kxk, blocked"]
 DEFAULT_FORMS = ["gather", "grouped-compact by MACs", "grouped-compact by MACs, blocked"]
 
 
@@ -83,6 +84,8 @@ def strategy(form: str, gm: torch.nn.Module):
         return by_macs(gm, "grouped-compact")
     if form == "grouped-compact by MACs, blocked":
         return by_macs(gm, "grouped-compact", where=blocked)
+    if form == "grouped-compact kxk, blocked":
+        return by_macs(gm, "grouped-compact", where=lambda layer: blocked(layer) and layer.kernel_size != (1, 1))
     if form == "grouped kxk":
         return {name: "grouped" if layer.kernel_size != (1, 1) else "dense"
                 for name, layer in gm.named_modules() if getattr(layer, "form", None) == "training"}
