@@ -141,7 +141,10 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "made" / "by" / "export" / "x.onnx"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen([sys.executable, "-m", "legofx", "export", spec, "--out", str(out)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # pytest-xdist's workers ignore SIGINT, and an ignored signal is
+                               # inherited: give the child a terminal's default, as a user's shell does
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
