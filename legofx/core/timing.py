@@ -122,7 +122,7 @@ def decide(timer: Callable[[int], dict[str, list[float]]], preference: list[str]
             break
         for key, values in timer(min(rounds, max_rounds - done)).items():
             samples[key].extend(values)
-    medians = {key: 1000 * statistics.median(values) for key, values in samples.items()}
+    medians = {key: median_ms(values) for key, values in samples.items()}
     if len(close) == 1:
         return Decision(fastest, medians, done)
     order = [key for key in preference if key in close] + [key for key in close if key not in preference]
