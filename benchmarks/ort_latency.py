@@ -41,21 +41,19 @@ from tabulate import tabulate  # noqa: E402
 import legofx  # noqa: E402
 from legofx.core.timing import interleaved_times  # noqa: E402
 from legofx.deploy.onnx_runtime import TAKING_TURNS, OnnxRuntimeModule  # noqa: E402
-from legofx.methods.lego.layers import LegoConv2d  # noqa: E402
+from legofx.lowering.by_kernel import by_kernel  # noqa: E402
 from legofx.report import measure_macs  # noqa: E402
 
 SIZES = {"resnet18": 224, "resnet50": 224, "mobilenet_v2": 224, "yolov8n": 320, "unet": 256,
          "fpn": 256}
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "yolov8n"]
 WIDE, MID = 128, 64  # "wide" / "mid" layers: at least this many input channels
-# form -> lowering of a Lego layer (``LegoConv2d``) by its kernel size and input channels
-FORMS = {"gather": lambda layer: "gather",
-         "3x3 gather": lambda layer: "gather" if max(layer.kernel_size) > 1 else "dense",
-         "3x3 grouped": lambda layer: "grouped" if max(layer.kernel_size) > 1 else "dense",
-         "wide 3x3 gather": lambda layer: ("gather" if max(layer.kernel_size) > 1
-                                           and layer.in_channels >= WIDE else "dense"),
-         "mid 3x3 gather": lambda layer: ("gather" if max(layer.kernel_size) > 1
-                                          and layer.in_channels >= MID else "dense")}
+# form -> per-layer strategy (``by_kernel``: kxk layers ``spatial`` above a width, 1x1 dense)
+FORMS = {"gather": lambda gm: by_kernel(gm, "gather", "gather"),
+         "3x3 gather": lambda gm: by_kernel(gm),
+         "3x3 grouped": lambda gm: by_kernel(gm, "grouped"),
+         "wide 3x3 gather": lambda gm: by_kernel(gm, min_in_channels=WIDE),
+         "mid 3x3 gather": lambda gm: by_kernel(gm, min_in_channels=MID)}
 DEFAULT_FORMS = ["3x3 gather", "wide 3x3 gather"]
 
 
@@ -80,10 +78,6 @@ def bn_fused(name: str, model: torch.nn.Module) -> torch.nn.Module:
         return fuse(model).eval()
     except Exception:  # noqa: BLE001  (not symbolically traceable: ONNX Runtime fuses BN itself)
         return model
-
-
-def per_layer(gm: torch.nn.Module, form: str) -> dict[str, str]:
-    return {name: FORMS[form](module) for name, module in gm.named_modules() if isinstance(module, LegoConv2d)}
 
 
 def theory(layers: dict, before: int, after: int, strategy: dict[str, str]) -> float:
@@ -130,7 +124,7 @@ def run(args) -> list[dict]:
             layers, before, after = measure_macs(gm, torch.randn(1, 3, size, size))
             models, theories = {"original": fused}, {"original": 1.0}
             for form in args.forms:
-                strategy = per_layer(gm, form)
+                strategy = FORMS[form](gm)
                 models[form] = legofx.fold(gm, strategy, fuse_batchnorm=True)
                 theories[form] = theory(layers, before, after, strategy)
             with tempfile.TemporaryDirectory() as folder:
